@@ -1,0 +1,113 @@
+"""Policy losses, KL estimators and loss aggregation: pure tensor functions.
+
+Formulas: ALGORITHMS.md ("Loss aggregation", "KL estimators", "Policy losses"). Tensors are
+[B, R] over response tokens with a 0/1 mask. Aggregation returns this micro-batch's *share* of
+the optimizer step's loss, with denominators counted over the whole step on every rank
+(`GlobalCounts`), so gradient accumulation and data parallelism never change the value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from core.batch import Batch, GlobalCounts
+
+AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+def aggregate(x_BR: torch.Tensor, mask_BR: torch.Tensor, mode: AggMode, counts: GlobalCounts,
+              *, norm_const: float | None = None) -> torch.Tensor:
+    """This micro-batch's share of agg(x) over the step (see ALGORITHMS.md for the four modes)."""
+    m = mask_BR.bool()
+    xm_BR = torch.where(m, x_BR, torch.zeros_like(x_BR))  # where, not *: pads may hold inf/nan
+    if mode == "token-mean":
+        return xm_BR.sum() / counts.tokens
+    if mode == "seq-mean-token-mean":
+        return (xm_BR.sum(-1) / m.sum(-1).clamp(min=1)).sum() / counts.seqs
+    if mode == "seq-mean-token-sum":
+        return xm_BR.sum() / counts.seqs
+    if mode == "seq-mean-token-sum-norm":
+        if not norm_const:
+            raise ValueError("seq-mean-token-sum-norm needs norm_const (e.g. the max response length)")
+        return xm_BR.sum() / (counts.seqs * norm_const)
+    raise ValueError(f"unknown loss aggregation mode {mode!r}; valid: {', '.join(AggMode.__args__)}")
+
+
+def kl_penalty(logp_BR: torch.Tensor, ref_logp_BR: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate from d = logp - ref_logp.
+
+    k1 = d; k2 = d^2 / 2; k3 = exp(-d) + d - 1 with d clamped to +-20 and the result to +-10.
+    """
+    d = logp_BR - ref_logp_BR
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d.square()
+    if estimator == "k3":
+        d = d.clamp(-20.0, 20.0)
+        return (torch.exp(-d) + d - 1).clamp(-10.0, 10.0)
+    raise ValueError(f"unknown KL estimator {estimator!r}; valid: k1, k2, k3")
+
+
+def ppo_clip_loss(logp_BR: torch.Tensor, old_logp_BR: torch.Tensor, adv_BR: torch.Tensor, *,
+                  eps_low: float = 0.2, eps_high: float = 0.2, dual_clip: float | None = None
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token PPO clipped surrogate L = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)),
+    with dual clip min(L, -A c) for A < 0. Returns (L_BR, 0/1 indicator tensors for metrics)."""
+    log_ratio = (logp_BR - old_logp_BR).clamp(-20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv_BR * ratio
+    clipped = -adv_BR * ratio.clamp(1 - eps_low, 1 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    flags = {"pg_clipfrac_upper": (adv_BR > 0) & (ratio > 1 + eps_high),
+             "pg_clipfrac_lower": (adv_BR < 0) & (ratio < 1 - eps_low)}
+    if dual_clip is not None:
+        if dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+        cap = -adv_BR * dual_clip
+        flags["pg_clipfrac_dual"] = (adv_BR < 0) & (loss > cap)
+        loss = torch.where(adv_BR < 0, torch.minimum(loss, cap), loss)
+    return loss, flags
+
+
+@dataclass(kw_only=True, slots=True)
+class PolicyLoss:
+    """PPO-clip policy loss + optional KL-in-loss and entropy bonus, as the actor's loss_fn."""
+    agg_mode: AggMode = "token-mean"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    norm_const: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+    entropy_coef: float = 0.0
+    log_entropy: bool = True
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.entropy_coef != 0 or self.log_entropy
+
+    def __call__(self, logp_BR: torch.Tensor, entropy_BR: torch.Tensor | None, mb: Batch,
+                 counts: GlobalCounts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mask = mb.response_mask
+        pg_BR, flags = ppo_clip_loss(logp_BR, mb.old_logp, mb.advantages, eps_low=self.eps_low,
+                                     eps_high=self.eps_high, dual_clip=self.dual_clip)
+        loss = aggregate(pg_BR, mask, self.agg_mode, counts, norm_const=self.norm_const)
+        token_mean = lambda x: aggregate(x.detach().float(), mask, "token-mean", counts)  # noqa: E731
+        metrics = {"pg_loss": loss.detach()}
+        metrics.update({k: token_mean(v) for k, v in flags.items()})
+        metrics["approx_kl_old"] = token_mean(kl_penalty(logp_BR, mb.old_logp, "k3"))
+        if self.kl_coef:
+            kl_BR = kl_penalty(logp_BR, mb.ref_logp, self.kl_estimator)
+            loss = loss + self.kl_coef * aggregate(kl_BR, mask, self.agg_mode, counts,
+                                                   norm_const=self.norm_const)
+            metrics["kl_ref"] = token_mean(kl_BR)
+        if entropy_BR is not None:
+            if self.entropy_coef:
+                loss = loss - self.entropy_coef * aggregate(entropy_BR, mask, self.agg_mode, counts,
+                                                            norm_const=self.norm_const)
+            metrics["entropy"] = token_mean(entropy_BR)
+        return loss, metrics

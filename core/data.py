@@ -1,0 +1,158 @@
+"""Prompt data: rows -> tokenized prompts -> a resumable, rank-sharded stream of batches.
+
+Every rank reads its own shard through a torchdata `StatefulDataLoader`. The sampler draws one
+permutation per epoch from its own generator seeded with (seed, epoch), so the order is the same
+on every rank and after a restore, and each rank takes every world_size-th index of it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from core.batch import Batch
+
+logger = logging.getLogger(__name__)
+
+PROMPT_FIELDS = ("prompt_ids", "prompt_mask", "group_ids", "ground_truth", "data_source", "prompt_text")
+"""The fields of a batch as the data loader yields it."""
+
+
+@dataclass(frozen=True, slots=True)
+class PromptRow:
+    prompt: str
+    answer: Any
+    data_source: str
+
+
+class PromptDataset(Dataset):
+    """Rows with their prompt token ids; prompts longer than max_prompt_len are dropped (and
+    counted, since a silent filter hides data problems)."""
+
+    def __init__(self, rows: Sequence[PromptRow], tokenizer, *, max_prompt_len: int) -> None:
+        self.rows: list[PromptRow] = []
+        self.ids: list[list[int]] = []
+        for row in rows:
+            ids = tokenizer.encode(row.prompt, add_special_tokens=False)
+            if len(ids) <= max_prompt_len:
+                self.rows.append(row)
+                self.ids.append(ids)
+        self.dropped = len(rows) - len(self.rows)
+        if self.dropped:
+            logger.warning("dropped %d of %d prompts longer than %d tokens",
+                           self.dropped, len(rows), max_prompt_len)
+        if not self.rows:
+            raise ValueError("no prompts left after the prompt-length filter")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, list[int], PromptRow]:
+        return i, self.ids[i], self.rows[i]
+
+
+def collate_prompts(items: Sequence[tuple[int, list[int], PromptRow]], *, pad_id: int) -> Batch:
+    """Left-pad prompts into a Batch with the PROMPT_FIELDS."""
+    width = max(len(ids) for _, ids, _ in items)
+    ids_BP = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask_BP = torch.zeros((len(items), width), dtype=torch.long)
+    for b, (_, ids, _) in enumerate(items):
+        if ids:
+            ids_BP[b, width - len(ids):] = torch.tensor(ids)
+            mask_BP[b, width - len(ids):] = 1
+    return Batch(prompt_ids=ids_BP, prompt_mask=mask_BP,
+                 group_ids=torch.tensor([i for i, _, _ in items], dtype=torch.long),
+                 ground_truth=[r.answer for _, _, r in items],
+                 data_source=[r.data_source for _, _, r in items],
+                 prompt_text=[r.prompt for _, _, r in items])
+
+
+class ShardedSampler(Sampler[int]):
+    """This rank's indices of a seeded per-epoch permutation; stateful for exact resume."""
+
+    def __init__(self, n: int, *, rank: int, world_size: int, seed: int, shuffle: bool = True) -> None:
+        if n < world_size:
+            raise ValueError(f"{n} prompts cannot be shared by {world_size} ranks")
+        self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+        self.epoch = 0
+        self._start = 0  # indices of this epoch already handed out (restored on resume)
+        self._yielded = 0
+
+    def __len__(self) -> int:
+        return self.n // self.world
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        return order[self.rank: len(self) * self.world: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self._indices()
+        self._yielded = self._start
+        self._start = 0
+        for i in indices[self._yielded:]:
+            self._yielded += 1
+            yield i
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self._yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = state["epoch"]
+        self._start = state["yielded"]
+
+
+class PromptStream:
+    """An endless iterator of this rank's prompt batches, epoch after epoch."""
+
+    def __init__(self, dataset: PromptDataset, *, batch_size: int, rank: int, world_size: int,
+                 seed: int, pad_id: int, shuffle: bool = True) -> None:
+        if len(dataset) // world_size < batch_size:
+            raise ValueError(f"each rank needs {batch_size} prompts per step but gets only "
+                             f"{len(dataset) // world_size} per epoch")
+        self.sampler = ShardedSampler(len(dataset), rank=rank, world_size=world_size, seed=seed,
+                                      shuffle=shuffle)
+        self.loader = StatefulDataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+                                         drop_last=True, num_workers=0,
+                                         collate_fn=lambda items: collate_prompts(items, pad_id=pad_id))
+        self._it: Iterator[Batch] | None = None
+
+    def __iter__(self) -> PromptStream:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._it is None:
+            self._it = iter(self.loader)
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self._it = iter(self.loader)
+            return next(self._it)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.sampler.epoch, "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self.loader.load_state_dict(state["loader"])
+        self._it = None
+
+
+def shard_rows(rows: Sequence[Any], rank: int, world_size: int) -> list[Any]:
+    """Every world_size-th row starting at rank (for evaluation; may differ by one per rank)."""
+    return list(rows[rank::world_size])

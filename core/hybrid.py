@@ -1,0 +1,83 @@
+"""The hybrid engine: training and generation take turns on one device.
+
+TRAIN -> GENERATE: if the actor stepped since the last sync, its weights stream from the FSDP2
+shards into the rollout engine bucket by bucket (core/reshard.py), then the engine wakes.
+GENERATE -> TRAIN: the engine sleeps. Every switch is timed; every sync reports bytes, seconds
+and GB/s, under `reshard/*`, and peak device memory of each phase under `memory/*` (CUDA only).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from core.graph import Phase
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, slots=True)
+class HybridConfig:
+    bucket_mb: float = 64.0
+    """Size of one weight bucket streamed into the engine during a sync."""
+
+
+class HybridEngine:
+    def __init__(self, cfg: HybridConfig, *, actor: Any, rollout: Any, engine_dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.cfg = cfg
+        self.actor = actor
+        self.rollout = rollout
+        self.engine_dtype = engine_dtype
+        self.device = device
+        self.phase = Phase.TRAIN
+        self.synced_version: int | None = None
+        self.last_sync: dict[str, float] = {}
+
+    def enter(self, phase: Phase) -> dict[str, float]:
+        """Switch to `phase` if not already there; returns the switch's metrics."""
+        if phase is self.phase or phase is Phase.ANY:
+            return {}
+        t0 = time.perf_counter()
+        metrics = self._memory_metrics(self.phase)
+        if phase is Phase.GENERATE:
+            metrics.update(self.sync_weights())
+            self.rollout.wake()
+        else:
+            self.rollout.sleep()
+        self.phase = phase
+        metrics[f"timing_s/switch_to_{phase.value}"] = time.perf_counter() - t0
+        return metrics
+
+    def sync_weights(self, *, force: bool = False) -> dict[str, float]:
+        """Stream the actor's weights into the engine if they changed (collective)."""
+        if not force and self.synced_version == self.actor.version:
+            return {}
+        t0 = time.perf_counter()
+        received, buckets = 0, 0
+        for bucket in self.actor.export_weights(bucket_bytes=int(self.cfg.bucket_mb * 2**20),
+                                                dtype=self.engine_dtype):
+            received += self.rollout.load_weights(bucket)
+            buckets += 1
+            del bucket  # free the gathered copies before the next all-gather
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        self.synced_version = self.actor.version
+        self.last_sync = {"reshard/bytes": float(received), "reshard/seconds": seconds,
+                          "reshard/gbps": received / max(seconds, 1e-9) / 1e9,
+                          "reshard/buckets": float(buckets)}
+        logger.debug("weight sync: %.1f MB in %.3f s (%.2f GB/s, %d buckets)",
+                     received / 1e6, seconds, self.last_sync["reshard/gbps"], buckets)
+        return dict(self.last_sync)
+
+    def _memory_metrics(self, leaving: Phase) -> dict[str, float]:
+        if self.device.type != "cuda":
+            return {}
+        out = {f"memory/{leaving.value}_peak_allocated_gb": torch.cuda.max_memory_allocated(self.device) / 1e9,
+               f"memory/{leaving.value}_peak_reserved_gb": torch.cuda.max_memory_reserved(self.device) / 1e9}
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return out

@@ -1,0 +1,153 @@
+"""Causal LMs and tokenizers from local folders or inline configs, and FSDP2 sharding.
+
+Nothing here touches a model hub: `path` must be a local folder (`local_files_only=True`), or
+`config` gives an inline Hugging Face config (`model_type` plus its fields) for a model with
+random weights, which is what tests use.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from core.batch import Batch, model_inputs
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    path: str | None = None
+    """Local Hugging Face model folder (config.json + safetensors). Takes precedence over `config`."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Inline HF config for a randomly initialised model, e.g. {model_type: qwen2, hidden_size: 64}."""
+    tokenizer: str | None = None
+    """Local tokenizer folder; default: `path`; with neither, the built-in task's tokenizer."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers ("sdpa", "eager", "flash_attention_2")."""
+
+
+def _check_folder(path: str, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what} folder {str(p)!r} does not exist (models load from local "
+                                f"folders only; there is no hub download)")
+    return p
+
+
+def build_model(cfg: ModelConfig, *, vocab_size: int | None = None,
+                dtype: torch.dtype = torch.float32, seed: int = 0) -> PreTrainedModel:
+    """A causal LM on CPU in `dtype`: from `cfg.path`, else random weights from `cfg.config`
+    (seeded, so every rank builds identical weights)."""
+    if cfg.path:
+        folder = _check_folder(cfg.path, "model")
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError(f"model folder {str(folder)!r} has no config.json")
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    else:
+        if "model_type" not in cfg.config:
+            raise ValueError("model: set `model.path` to a local folder, or `model.config` to an "
+                             "inline Hugging Face config with a `model_type` (e.g. qwen2)")
+        extra = dict(cfg.config)
+        model_type = extra.pop("model_type")
+        if vocab_size is not None:
+            extra.setdefault("vocab_size", vocab_size)
+        hf_config = AutoConfig.for_model(model_type, **extra)
+        hf_config._attn_implementation = cfg.attn_implementation
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    model.config.use_cache = False
+    return model
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer from `cfg.tokenizer` or `cfg.path`; None when neither is set (the caller
+    then uses its built-in task's tokenizer)."""
+    src = cfg.tokenizer or cfg.path
+    if src is None:
+        return None
+    folder = _check_folder(src, "tokenizer")
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks, found through HF's `_no_split_modules` class names."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"cannot find decoder layers in {type(model).__name__} "
+                         f"(_no_split_modules={sorted(names)})")
+    return layers
+
+
+def shard_model(model: torch.nn.Module, mesh: DeviceMesh, *,
+                param_dtype: torch.dtype | None = None,
+                reduce_dtype: torch.dtype | None = torch.float32) -> torch.nn.Module:
+    """FSDP2: one `fully_shard` per decoder layer, then the root (embeddings, norm, head)."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def token_logprobs(model: torch.nn.Module, batch: Batch, *, temperature: float = 1.0,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the response tokens under `model` with logits / temperature.
+
+    Returns (logp_BR, entropy_BR or None), float32, aligned with batch.response_ids; values at
+    masked positions are meaningless but finite.
+    """
+    ids, mask, pos = model_inputs(batch)
+    R = batch.response_ids.shape[1]
+    # Only the R positions that predict response tokens go through the LM head.
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                   logits_to_keep=R + 1).logits[:, :-1]
+    logits_BRV = logits.float()
+    if temperature != 1.0:
+        logits_BRV = logits_BRV / temperature
+    lse_BR = torch.logsumexp(logits_BRV, dim=-1)
+    logp_BR = logits_BRV.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) - lse_BR
+    entropy_BR = None
+    if with_entropy:
+        entropy_BR = lse_BR - (logits_BRV.softmax(-1) * logits_BRV).sum(-1)
+    return logp_BR, entropy_BR
+
+
+def pad_columns(t: torch.Tensor, width: int, value: float = 0.0) -> torch.Tensor:
+    """Right-pad a [B, w] tensor to [B, width]."""
+    if t.shape[1] == width:
+        return t
+    return torch.cat([t, t.new_full((t.shape[0], width - t.shape[1]), value)], dim=1)
+
+
+@torch.no_grad()
+def batched_logprobs(model: torch.nn.Module, batch: Batch, *, micro_batch_size: int,
+                     temperature: float = 1.0) -> torch.Tensor:
+    """token_logprobs over micro-batches, re-assembled to the batch's full response width."""
+    R = batch.response_ids.shape[1]
+    parts = [pad_columns(token_logprobs(model, mb, temperature=temperature)[0], R)
+             for mb in batch.split(micro_batch_size)]
+    return torch.cat(parts, dim=0)
+
+
+def dtype_of(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+Precision = Literal["float32", "bfloat16", "float16"]

@@ -1,0 +1,65 @@
+"""The job config: the whole schema tree a training YAML file is an instance of.
+
+Each section is the Config of the component that reads it. Public keys that scripts and later
+work rely on: run.output_dir, run.steps, run.seed, algorithm.name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from algorithms.base import AlgorithmConfig
+from core.hybrid import HybridConfig
+from core.models import ModelConfig
+from core.tasks import TaskConfig
+from roles.actor import Actor
+from roles.reference import Reference
+from roles.reward import Reward
+from roles.rollout import Rollout
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    output_dir: str = "runs/default"
+    """metrics.jsonl, the resolved config and the graph are written here."""
+    steps: int = 100
+    """Training steps (one graph execution each)."""
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """The built-in task that generates training and held-out prompts."""
+    prompts_per_step: int = 64
+    """Prompts per step over all ranks (each yields rollout.n samples); divisible by world size."""
+    max_prompt_len: int = 512
+    """Longer prompts are dropped (and counted)."""
+    shuffle: bool = True
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    every: int = 10
+    """Evaluate held-out accuracy every this many steps (and before step 1 and after the last);
+    0: only before and after."""
+    batch_size: int = 256
+    """Prompts per generate call on each rank."""
+    max_new_tokens: int | None = None
+    """None: rollout.max_new_tokens."""
+
+
+@dataclass(kw_only=True, slots=True)
+class JobConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    actor: Actor.Config = field(default_factory=Actor.Config)
+    reference: Reference.Config = field(default_factory=Reference.Config)
+    rollout: Rollout.Config = field(default_factory=Rollout.Config)
+    reward: Reward.Config = field(default_factory=Reward.Config)
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,145 @@
+"""Train with RL: `torchrun --nproc_per_node=N -m launch.train --config configs/X.yaml key=value ...`
+
+Each step runs the algorithm's graph once on this rank's prompts. Rank 0 writes one JSON object
+per step to <run.output_dir>/metrics.jsonl (step 0 holds the evaluation before training) and
+prints one line per step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from core import dist
+from core.batch import Batch
+from core.config import load_config, parse_cli, to_yaml
+from core.data import PROMPT_FIELDS
+from core.evaluate import evaluate
+from core.graph import Phase
+from launch.build import Job, build_job
+from launch.config import JobConfig
+
+logger = logging.getLogger("launch.train")
+
+
+def batch_metrics(batch: Batch) -> dict[str, float]:
+    """Reward and response-length statistics over the global batch (collective)."""
+    lengths = batch.response_mask.sum(-1).double()
+    sums = dist.all_reduce_scalars({
+        "n": float(len(batch)), "reward": float(batch.rewards.double().sum()),
+        "reward_sq": float(batch.rewards.double().square().sum()), "len": float(lengths.sum()),
+        "truncated": float(sum(r == "length" for r in batch.finish_reason))})
+    n = sums["n"]
+    mean = sums["reward"] / n
+    return {"reward/mean": mean, "reward/std": max(sums["reward_sq"] / n - mean**2, 0.0) ** 0.5,
+            "response_length/mean": sums["len"] / n,
+            "response_length/max": dist.all_reduce_scalars({"m": float(lengths.max())}, "max")["m"],
+            "response_length/clip_ratio": sums["truncated"] / n,
+            "perf/response_tokens": sums["len"]}
+
+
+class Trainer:
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.cfg = job.cfg
+        self.out = Path(self.cfg.run.output_dir)
+        self.history: list[dict[str, float]] = []
+
+    def run_eval(self) -> dict[str, float]:
+        j = self.job
+        j.hybrid.enter(Phase.GENERATE)
+        t0 = time.perf_counter()
+        m = evaluate(j.roles["rollout"], j.roles["reward"], j.task.eval, j.tokenizer,
+                     batch_size=self.cfg.eval.batch_size,
+                     max_new_tokens=self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens,
+                     max_prompt_len=self.cfg.data.max_prompt_len)
+        m["timing_s/eval"] = time.perf_counter() - t0
+        return m
+
+    def train_step(self) -> dict[str, float]:
+        j = self.job
+        t0 = time.perf_counter()
+        prompts = next(j.stream).to(dist.info().device)
+        batch, step = j.graph.run(prompts, order=j.order, enter_phase=j.hybrid.enter)
+        world = dist.info().world_size
+        metrics = {k: v / world for k, v in dist.all_reduce_scalars(step.metrics).items()}
+        metrics.update(dist.all_reduce_scalars(step.counts))
+        metrics.update(batch_metrics(batch))
+        metrics["timing_s/step"] = time.perf_counter() - t0
+        metrics["perf/tokens_per_s"] = metrics["perf/response_tokens"] / metrics["timing_s/step"]
+        metrics["data/epoch"] = float(j.stream.epoch)
+        return metrics
+
+    def fit(self) -> list[dict[str, float]]:
+        cfg, info = self.cfg, dist.info()
+        self._write_run_files()
+        self.job.hybrid.sync_weights(force=True)  # the engine starts from the actor's weights
+        t_start = time.perf_counter()
+        self._record(0, self.run_eval())
+        for step in range(1, cfg.run.steps + 1):
+            metrics = self.train_step()
+            if step == cfg.run.steps or (cfg.eval.every and step % cfg.eval.every == 0):
+                metrics.update(self.run_eval())
+            metrics["timing_s/elapsed"] = time.perf_counter() - t_start
+            self._record(step, metrics)
+        self._summary(time.perf_counter() - t_start)
+        return self.history
+
+    def _write_run_files(self) -> None:
+        if not dist.info().is_main:
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(to_yaml(self.cfg))
+            (self.out / "graph.mmd").write_text(self.job.graph.to_mermaid(PROMPT_FIELDS) + "\n")
+            (self.out / "metrics.jsonl").write_text("")
+        except OSError as e:
+            raise OSError(f"cannot write to run.output_dir {str(self.out)!r}: {e}") from e
+        logger.info("%s", self.job.graph.to_text(PROMPT_FIELDS))
+
+    def _record(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **metrics}
+        self.history.append(row)
+        if not dist.info().is_main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        logger.info("%s", console_line(row, self.cfg.run.steps))
+
+    def _summary(self, seconds: float) -> None:
+        evals = [r["eval/accuracy"] for r in self.history if "eval/accuracy" in r]
+        logger.info("done: %d steps in %.0f s; eval/accuracy %.3f -> %.3f (%+.3f)",
+                    self.cfg.run.steps, seconds, evals[0], evals[-1], evals[-1] - evals[0])
+
+
+def console_line(row: dict[str, float], total: int) -> str:
+    parts = [f"step {row['step']}/{total}"]
+    for key, label, fmt in [("reward/mean", "reward", ".3f"), ("eval/accuracy", "eval/acc", ".3f"),
+                            ("response_length/mean", "len", ".1f"), ("actor/pg_loss", "pg_loss", ".4f"),
+                            ("actor/entropy", "entropy", ".3f"), ("actor/grad_norm", "grad", ".3f"),
+                            ("reshard/gbps", "sync GB/s", ".2f"), ("timing_s/step", "s/step", ".2f")]:
+        if key in row:
+            parts.append(f"{label} {row[key]:{fmt}}")
+    return " | ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
+    path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(JobConfig, path, overrides)
+    dist.setup_logging(getattr(logging, cfg.run.log_level))
+    dist.init_distributed(device=cfg.run.device)
+    try:
+        torch.manual_seed(cfg.run.seed)
+        logger.info("resolved config:\n%s", to_yaml(cfg))
+        return Trainer(build_job(cfg)).fit()
+    finally:
+        dist.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""The rollout role: prompts in, sampled responses (ids, text, log-probs) out, via an engine."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+import roles.torch_engine  # noqa: F401  (registers the "torch" engine)
+from core.batch import Batch
+from roles.engine import Engine, SamplingParams, get_engine
+
+logger = logging.getLogger(__name__)
+
+
+class Rollout:
+    @dataclass(kw_only=True, slots=True)
+    class Config:
+        engine: str = "torch"
+        """Inference engine: "torch" (built in; CPU and small GPU runs)."""
+        n: int = 8
+        """Samples per prompt (the GRPO group size)."""
+        temperature: float = 1.0
+        top_p: float = 1.0
+        top_k: int = 0
+        """0 disables top-k."""
+        max_new_tokens: int = 16
+        stop: list[str] = field(default_factory=list)
+        """Extra stop tokens (each must be one token of the vocabulary); EOS always stops."""
+        dtype: str = "float32"
+        """Engine weight dtype; actor weights are cast to it at every sync."""
+
+    def __init__(self, cfg: Config, engine: Engine, tokenizer, *, seed: int, rank: int) -> None:
+        self.cfg = cfg
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.stop_token_ids = _stop_ids(tokenizer, cfg.stop)
+        self._seed = seed
+        self._rank = rank
+        self.calls = 0
+        """Number of generate() calls so far; part of the sampling seed (and of resume state)."""
+
+    @classmethod
+    def build(cls, cfg: Config, model, tokenizer, *, device: torch.device, seed: int,
+              rank: int, dtype: torch.dtype) -> Rollout:
+        engine = get_engine(cfg.engine)(model, pad_token_id=tokenizer.pad_token_id,
+                                        device=device, dtype=dtype)
+        return cls(cfg, engine, tokenizer, seed=seed, rank=rank)
+
+    def sampling(self, **overrides) -> SamplingParams:
+        """The configured sampling parameters, with overrides (e.g. temperature=0 for eval)."""
+        base = SamplingParams(temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                              top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens,
+                              n=self.cfg.n, stop_token_ids=self.stop_token_ids)
+        return dataclasses.replace(base, **overrides)
+
+    def generate(self, batch: Batch, sampling: SamplingParams | None = None) -> Batch:
+        """Each prompt of `batch` expanded to n samples with response fields added.
+
+        Without `sampling`: the configured parameters and a fresh seed per call and rank (the
+        training stream). With `sampling` (evaluation): exactly those, seed included, so
+        evaluating never shifts the training stream.
+        """
+        if sampling is None:
+            seed = (self._seed * 1_000_003 + self._rank * 10_007 + self.calls) % (2**63)
+            sampling = self.sampling(seed=seed)
+            self.calls += 1
+        out = self.engine.generate(batch.prompt_ids, batch.prompt_mask, sampling)
+        texts = [self.tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
+                 for ids, m in zip(out.response_ids.cpu(), out.response_mask.cpu())]
+        device = batch.prompt_ids.device
+        return batch.repeat_interleave(sampling.n).with_fields(
+            response_ids=out.response_ids.to(device), response_mask=out.response_mask.to(device),
+            rollout_logp=out.logp.to(device), response_text=texts, finish_reason=out.finish_reason)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        return self.engine.load_weights(named_tensors)
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake(self) -> None:
+        self.engine.wake()
+
+
+def _stop_ids(tokenizer, extra: list[str]) -> tuple[int, ...]:
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for s in extra:
+        tok = tokenizer.encode(s, add_special_tokens=False)
+        if len(tok) != 1:
+            raise ValueError(f"rollout.stop entry {s!r} is {len(tok)} tokens; each must be one token")
+        ids.append(tok[0])
+    if not ids:
+        raise ValueError("the tokenizer has no EOS token and rollout.stop is empty: nothing stops")
+    return tuple(dict.fromkeys(ids))

@@ -1,0 +1,127 @@
+"""The `torch` rollout engine: batched sampling with a KV cache for any HF causal LM.
+
+The engine keeps its own full (unsharded) copy of the policy in the engine dtype. Prompts are
+left-padded, so every row's next token is at the last column and one forward per new token
+serves the whole batch; a `DynamicCache` holds keys and values between steps. Finished rows keep
+running (padding) until every row is done, which is cheaper than reshaping the cache for the
+short responses RL produces on CPU.
+
+Log-probs: the engine reports log softmax(logits / T) of the sampled token, before top-k/top-p
+truncation (the convention of verl and OpenRLHF), which is exactly what the actor recomputes.
+Greedy decoding (T = 0) reports log softmax(logits).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from roles.engine import Generation, SamplingParams, register_engine
+
+logger = logging.getLogger(__name__)
+
+
+@register_engine("torch")
+class TorchEngine:
+    def __init__(self, model: PreTrainedModel, *, pad_token_id: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.model.requires_grad_(False)
+        self.pad_token_id = pad_token_id
+        self.device = device
+        self._params = dict(self.model.named_parameters())
+
+    def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
+        return self._params.items()
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        received = 0
+        for name, tensor in named_tensors:
+            param = self._params.get(name)
+            if param is None:
+                raise KeyError(f"engine has no parameter {name!r}")
+            if param.shape != tensor.shape:
+                raise ValueError(f"{name}: engine shape {tuple(param.shape)} != {tuple(tensor.shape)}")
+            param.copy_(tensor)
+            received += tensor.numel() * tensor.element_size()
+        return received
+
+    def sleep(self) -> None:
+        # The KV cache lives only inside generate(); nothing stays allocated between calls.
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                 sampling: SamplingParams) -> Generation:
+        ids_NP = prompt_ids.to(self.device).repeat_interleave(sampling.n, dim=0)
+        mask_NP = prompt_mask.to(self.device).long().repeat_interleave(sampling.n, dim=0)
+        N = ids_NP.shape[0]
+        gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        stop = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=self.device)
+
+        cache = DynamicCache(config=self.model.config)
+        pos_NP = (mask_NP.cumsum(-1) - 1).clamp(min=0)
+        logits_NV = self._forward(ids_NP, mask_NP, pos_NP, cache)
+        next_pos_N1 = pos_NP[:, -1:] + 1
+        attn = mask_NP
+
+        tokens, logps, masks = [], [], []
+        done_N = torch.zeros(N, dtype=torch.bool, device=self.device)
+        for _ in range(sampling.max_new_tokens):
+            tok_N, logp_N = sample_next(logits_NV, sampling, gen)
+            tok_N = torch.where(done_N, torch.full_like(tok_N, self.pad_token_id), tok_N)
+            tokens.append(tok_N)
+            logps.append(torch.where(done_N, torch.zeros_like(logp_N), logp_N))
+            masks.append((~done_N).long())
+            done_N = done_N | torch.isin(tok_N, stop)
+            if bool(done_N.all()):
+                break
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+            logits_NV = self._forward(tok_N[:, None], attn, next_pos_N1, cache)
+            next_pos_N1 = next_pos_N1 + 1
+
+        response_mask = torch.stack(masks, dim=1)
+        finish = ["stop" if d else "length" for d in done_N.tolist()]
+        return Generation(torch.stack(tokens, dim=1), response_mask,
+                          torch.stack(logps, dim=1).float(), finish)
+
+    def _forward(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
+                 cache: DynamicCache) -> torch.Tensor:
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+
+def sample_next(logits_NV: torch.Tensor, sampling: SamplingParams,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token per row and its log-prob under softmax(logits / T) (T = 1 when greedy)."""
+    if sampling.temperature == 0:
+        tok_N = logits_NV.argmax(-1)
+        logp_NV = logits_NV.log_softmax(-1)
+    else:
+        scaled = logits_NV / sampling.temperature
+        logp_NV = scaled.log_softmax(-1)
+        tok_N = torch.multinomial(truncate(scaled, sampling).softmax(-1), 1, generator=gen)[:, 0]
+    return tok_N, logp_NV.gather(-1, tok_N[:, None])[:, 0]
+
+
+def truncate(logits_NV: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """Top-k then top-p (nucleus) filtering; removed tokens get -inf."""
+    out = logits_NV
+    if 0 < sampling.top_k < out.shape[-1]:
+        kth = out.topk(sampling.top_k, dim=-1).values[:, -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = out.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the mass before it already reaches top_p (the first always stays).
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= sampling.top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+    return out
