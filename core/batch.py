@@ -174,18 +174,19 @@ class Batch:
                 for i in range(0, len(self), micro_batch_size)]
 
     def split_by_tokens(self, max_tokens: int) -> list[Batch]:
-        """Consecutive micro-batches whose padded size (samples x widest sequence) stays within
-        max_tokens; a single sample longer than the budget gets a micro-batch of its own."""
-        lengths = sequence_lengths(self).tolist()
-        chunks, start, widest = [], 0, 0
-        for i, length in enumerate(lengths):
-            widest_if = max(widest, length)
-            if i > start and widest_if * (i - start + 1) > max_tokens:
+        """Consecutive micro-batches whose padded size after trimming (samples x (widest prompt +
+        widest response)) stays within max_tokens; a sample over budget goes alone."""
+        p_len = self.prompt_mask.sum(-1).tolist()
+        r_len = self.response_mask.sum(-1).tolist() if "response_mask" in self else [0] * len(self)
+        chunks, start, wp, wr = [], 0, 0, 0
+        for i in range(len(self)):
+            np_, nr = max(wp, p_len[i]), max(wr, r_len[i])
+            if i > start and (np_ + nr) * (i - start + 1) > max_tokens:
                 chunks.append(range(start, i))
-                start, widest_if = i, length
-            widest = widest_if
-        if start < len(lengths):
-            chunks.append(range(start, len(lengths)))
+                start, np_, nr = i, p_len[i], r_len[i]
+            wp, wr = np_, nr
+        if start < len(self):
+            chunks.append(range(start, len(self)))
         return [self.select(c).trim() for c in chunks]
 
     @staticmethod
@@ -225,14 +226,6 @@ def _pad_to_common_width(values: list[torch.Tensor], spec: FieldSpec) -> list[to
             v = torch.cat([pad, v] if spec.pad_side == "left" else [v, pad], dim=1)
         out.append(v)
     return out
-
-
-def sequence_lengths(batch: Batch) -> torch.Tensor:
-    """Real tokens per sample (prompt + response), shape [B]."""
-    n = batch.prompt_mask.sum(-1)
-    if "response_mask" in batch:
-        n = n + batch.response_mask.sum(-1)
-    return n
 
 
 def model_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

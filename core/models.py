@@ -108,8 +108,8 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, *, temperature: float =
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens under `model` with logits / temperature.
 
-    Returns (logp_BR, entropy_BR or None), float32, aligned with batch.response_ids; values at
-    masked positions are meaningless but finite.
+    Returns (logp_BR, entropy_BR or None), float32, aligned with batch.response_ids; 0 at
+    masked positions.
     """
     ids, mask, pos = model_inputs(batch)
     R = batch.response_ids.shape[1]
@@ -121,9 +121,12 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, *, temperature: float =
         logits_BRV = logits_BRV / temperature
     lse_BR = torch.logsumexp(logits_BRV, dim=-1)
     logp_BR = logits_BRV.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) - lse_BR
+    mask = batch.response_mask.bool()
+    logp_BR = torch.where(mask, logp_BR, torch.zeros_like(logp_BR))
     entropy_BR = None
     if with_entropy:
         entropy_BR = lse_BR - (logits_BRV.softmax(-1) * logits_BRV).sum(-1)
+        entropy_BR = torch.where(mask, entropy_BR, torch.zeros_like(entropy_BR))
     return logp_BR, entropy_BR
 
 

@@ -94,6 +94,13 @@ class Actor:
         return Result(metrics=metrics)
 
     def _optimizer_step(self, mini: Batch, loss_fn: LossFn) -> dict[str, float]:
+        out = self.accumulate(mini, loss_fn)
+        out["grad_norm"] = self._clip_and_step()
+        return out
+
+    def accumulate(self, mini: Batch, loss_fn: LossFn) -> dict[str, float]:
+        """Forward/backward over the micro-batches of one optimizer step (gradients accumulate
+        in .grad); returns the step's loss and metrics summed over micro-batches and ranks."""
         counts = global_counts(mini)
         world = dist.info().world_size
         shares: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
@@ -105,10 +112,7 @@ class Actor:
             shares["loss"] += loss.detach().double().cpu()
             for k, v in metrics.items():
                 shares[k] += v.detach().double().cpu()
-        grad_norm = self._clip_and_step()
-        out = dist.all_reduce_scalars({k: float(v) for k, v in shares.items()})
-        out["grad_norm"] = grad_norm
-        return out
+        return dist.all_reduce_scalars({k: float(v) for k, v in shares.items()})
 
     def _clip_and_step(self) -> float:
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
