@@ -111,3 +111,15 @@ class PolicyLoss:
                                                             norm_const=self.norm_const)
             metrics["entropy"] = token_mean(entropy_BR)
         return loss, metrics
+
+
+@dataclass(kw_only=True, slots=True)
+class NLLLoss:
+    """Supervised negative log-likelihood of the response tokens (SFT; VAPO's positive NLL)."""
+    agg_mode: AggMode = "token-mean"
+    needs_entropy: bool = False
+
+    def __call__(self, logp_BR: torch.Tensor, entropy_BR: torch.Tensor | None, mb: Batch,
+                 counts: GlobalCounts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = aggregate(-logp_BR, mb.response_mask, self.agg_mode, counts)
+        return loss, {"nll": loss.detach()}

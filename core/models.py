@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -154,3 +155,26 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 Precision = Literal["float32", "bfloat16", "float16"]
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) CPU tensors of an FSDP2 or plain model, on every rank (collective)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_hf_folder(model: torch.nn.Module, tokenizer, path: str | Path, *, is_main: bool) -> None:
+    """Write a Hugging Face folder (config.json, model.safetensors, tokenizer files) that
+    `from_pretrained` loads. Collective: every rank calls it; rank 0 writes."""
+    state = full_state_dict(model)
+    if not is_main:
+        return
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    # A plain module of the same class takes the full weights; save_pretrained handles tied
+    # weights and writes safetensors.
+    plain = AutoModelForCausalLM.from_config(model.config)
+    plain.load_state_dict(state)
+    plain.config.use_cache = True
+    plain.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)

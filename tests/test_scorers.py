@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from roles import scorers
 from roles.scorers import get_scorer, last_boxed, register_scorer, scorer_names
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ def test_duplicate_registration_raises():
         ("\\boxed{1} then \\boxed{2} finally \\boxed{{3}}", "{3}"),
         ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"),
         ("answer $\\boxed 5$", "5"),
+        ("\\boxed {12}", "12"),
         ("\\fbox{3}", "3"),
         ("\\boxed{1} and \\fbox{2}", "2"),
         ("\\boxed{\\frac{1}{2", None),
@@ -95,6 +97,8 @@ def test_addition(response, truth, score):
 
 # --------------------------------------------------------------------------- math
 
+MATRIX = "\\begin{pmatrix} \\frac{18}{5} \\\\ -\\frac{9}{5} \\end{pmatrix}"
+
 EQUIVALENT = [
     ("0.5", "\\frac{1}{2}"),
     ("\\frac{1}{2}", "0.5"),
@@ -111,6 +115,12 @@ EQUIVALENT = [
     ("14 \\text{ right triangles}", "14"),
     ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
     ("\\text{Evelyn}", "\\text{Evelyn}"),
+    ("10,\\!080", "10080"),
+    ("\\frac{1}{29,\\!322}", "\\frac{1}{29322}"),
+    ("2516_8", "2516_{8}"),
+    ("a + b + c", "c+b+a"),
+    ("e^{-x^2}", "e^{-x^{2}}"),  # a symbolic power in an exponent is no power tower
+    (MATRIX, "\\begin{pmatrix}3.6\\\\-1.8\\end{pmatrix}"),
 ]
 
 NOT_EQUIVALENT = [
@@ -121,6 +131,10 @@ NOT_EQUIVALENT = [
     ("1000", "100"),
     ("\\{1,2\\}", "\\{1,3\\}"),
     ("\\text{Evelyn}", "\\text{Bob}"),
+    ("2516_8", "2516_9"),  # math_verify alone drops the base subscript
+    ("81, 256", "81, 255"),
+    ("x_1", "x_2"),
+    (MATRIX, MATRIX.replace("18", "28")),  # a row break "\\\\ " is not the spacing macro "\\ "
 ]
 
 
@@ -142,6 +156,11 @@ def test_math_last_box_wins():
 def test_math_no_box_scores_zero():
     assert math_score("The answer is 3", "3") == 0.0
     assert math_score("", "3") == 0.0
+
+
+def test_addition_rejects_bad_ground_truth():
+    with pytest.raises(ValueError):
+        addition_score("1", "one")
 
 
 def test_math_int_ground_truth():
@@ -188,14 +207,19 @@ def test_math_hostile_is_fast_and_wrong(name):
 DATA_DIR = Path(os.environ.get("ROLEGRAPH_DATA_DIR", Path(__file__).resolve().parents[1] / "data"))
 DATA_FILES = ["aime24.jsonl", "aime25.jsonl", "amc23.jsonl", "math500.jsonl", "gsm8k_test.jsonl"]
 SENTINEL = "-987654321"  # no benchmark answer is this
-_NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?")
+_NUMBER_RE = re.compile(r"-?(?:\d+|\d*\.\d+)")
 
 
 def wrong_answers(answer: str) -> list[str]:
-    """Answers that are surely not equivalent to ``answer``."""
+    """Answers surely not equivalent to ``answer``: a sentinel, plus answer + 1 for numbers or
+    the answer with its first digit changed (the first digit is never inside a unit such as
+    "cm}^2", whose exponent scorers rightly ignore)."""
     wrong = [SENTINEL]
     if _NUMBER_RE.fullmatch(answer):
         wrong.append(str(Decimal(answer) + 1))
+    elif digit := re.search(r"\d", answer):
+        bumped = str((int(digit.group()) + 1) % 10)
+        wrong.append(answer[: digit.start()] + bumped + answer[digit.end():])
     return wrong
 
 
@@ -207,15 +231,19 @@ def _rows(name: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", DATA_FILES)
-def test_dataset_answers_verify_against_themselves(name):
+def test_dataset_answers(name):
+    """Every gold answer scores 1 against itself, and its wrong variants score 0."""
     rows = _rows(name)
     failures = []
     start = time.perf_counter()
     for i, row in enumerate(rows):
-        answer = row["answer"]
-        row_id = row.get("id", i)
+        answer, row_id = row["answer"], row.get("id", i)
         if math_score(boxed(answer), answer) != 1.0:
             failures.append((row_id, answer, "self"))
+        # The scorer short-cuts identical text; check math_verify itself reads every answer too.
+        normalized = scorers._normalize(answer)
+        if not scorers._verified_equal(normalized, normalized):
+            failures.append((row_id, answer, "math_verify self"))
         for wrong in wrong_answers(answer):
             if math_score(boxed(wrong), answer) != 0.0:
                 failures.append((row_id, answer, wrong))

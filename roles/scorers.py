@@ -1,0 +1,264 @@
+"""Rule-based reward scorers, registered by name.
+
+A scorer is a plain callable ``(response, ground_truth) -> float``: ``response`` is the decoded
+text the policy generated after the prompt (no special tokens, possibly trailing whitespace),
+``ground_truth`` is the dataset's reference answer. It returns the reward for that one sample,
+1.0 for correct and 0.0 for wrong in the scorers here. The reward role picks a scorer by the
+sample's ``data_source`` (or a configured name) through :func:`get_scorer`.
+
+Built-in scorers:
+
+* ``addition``: the built-in ``"045+678="`` task; 1.0 iff the stripped response is exactly the
+  canonical decimal sum (no leading zeros).
+* ``math``: the last ``\\boxed{...}`` of the response compared with the ground truth by
+  mathematical equivalence (``math_verify``). Never raises; any failure scores 0.0.
+
+Register a new scorer with the decorator; names are unique::
+
+    @register_scorer("exact")
+    def exact(response: str, ground_truth: Any) -> float:
+        return float(response.strip() == str(ground_truth))
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from math_verify.errors import TimeoutException
+
+logger = logging.getLogger(__name__)
+
+Scorer = Callable[[str, Any], float]
+
+_SCORERS: dict[str, Scorer] = {}
+
+
+def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
+    """Decorator registering ``fn`` under ``name``; a name already taken raises ValueError."""
+
+    def decorator(fn: Scorer) -> Scorer:
+        if name in _SCORERS:
+            raise ValueError(f"scorer {name!r} is already registered")
+        _SCORERS[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_scorer(name: str) -> Scorer:
+    """The scorer registered as ``name``; an unknown name raises ValueError listing valid ones."""
+    try:
+        return _SCORERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown scorer {name!r}; valid names: {', '.join(scorer_names())}"
+        ) from None
+
+
+def scorer_names() -> list[str]:
+    """Registered scorer names, sorted."""
+    return sorted(_SCORERS)
+
+
+# --------------------------------------------------------------------------- answer extraction
+
+# The negative lookahead keeps \boxedfoo (another macro) from counting as a box.
+_BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_BARE_BOX_ARG_RE = re.compile(r"\s+([^\s$]+)")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}`` / ``\\fbox{...}`` / ``\\boxed x`` in ``text``.
+
+    Nested braces are matched; escaped braces (``\\{``) do not count. Returns None when there is
+    no box or the last one is unbalanced (e.g. a generation cut off inside the answer).
+    """
+    last = None
+    for last in _BOX_RE.finditer(text):
+        pass
+    if last is None:
+        return None
+    rest = text[last.end():]
+    if rest.lstrip().startswith("{"):
+        return _braced_group(rest.lstrip())
+    bare = _BARE_BOX_ARG_RE.match(rest)  # "\boxed 5", the MATH dataset's brace-less form
+    return bare.group(1) if bare else None
+
+
+def _braced_group(text: str) -> str | None:
+    """Content of the ``{...}`` group that opens ``text``, or None if it never closes."""
+    depth, i = 0, 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2  # skip the escaped char: \{ \} \\ are not group delimiters
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[1:i]
+        i += 1
+    return None
+
+
+# --------------------------------------------------------------------------- addition
+
+_CANONICAL_INT_RE = re.compile(r"-?(?:0|[1-9][0-9]*)")
+
+
+@register_scorer("addition")
+def addition_scorer(response: str, ground_truth: Any) -> float:
+    """1.0 iff ``response.strip()`` is exactly ``str(int(ground_truth))``, else 0.0.
+
+    Leading zeros, signs of zero, extra characters and unicode digits all score 0.0. A ground
+    truth that ``int()`` rejects raises ValueError: that is a data bug, not a wrong answer.
+    """
+    expected = str(int(ground_truth))
+    answer = response.strip()
+    # Compare text, not int(answer): int() accepts "0723", "+723", "7_23" and huge inputs.
+    return float(_CANONICAL_INT_RE.fullmatch(answer) is not None and answer == expected)
+
+
+# --------------------------------------------------------------------------- math
+
+PARSE_TIMEOUT_S = 2
+"""math_verify's per-parse limit (signal based, main thread only)."""
+VERIFY_TIMEOUT_S = 2
+"""math_verify's per-comparison limit (signal based, main thread only)."""
+MAX_ANSWER_CHARS = 500
+"""Longer boxed answers score 0: real answers are < 200 chars and sympy slows down sharply."""
+
+# Without a timeout (non-main threads) sympy can spend hours on values like 9^{9^{9}}, 10^{10^9}
+# or 99999999999!; these cheap textual checks refuse them up front on every thread, so the
+# reward does not depend on which thread scored it.
+_EXPLOSIVE_RES = (
+    re.compile(r"\^\s*\{[^{}]*\d\s*\)?\s*\^"),  # numeric power in an exponent: a tower
+    re.compile(r"\^\s*\{?\s*\(?\s*\d{6,}"),  # exponent with 6+ digits
+    re.compile(r"\d{5,}\s*!"),  # factorial of a 5+ digit number
+)
+# The row break \\ is matched (and kept) first, so "\\ 2" never loses "\ " as a spacing macro.
+_SPACING_RE = re.compile(r"\\\\|\\[,;:! ]|\\left(?![A-Za-z])|\\right(?![A-Za-z])")
+# TeX's thousands separators: 29,\!322 and 29{,}322 (math_verify reads the latter, not the former).
+_THOUSANDS_RE = re.compile(r"(?<=\d)(?:,\\!|\{,\})(?=\d{3})")
+# Whitespace is insignificant in math mode except between two letters ("\pi r", "\text{a b}").
+_SPACE_RE = re.compile(r"(?<![A-Za-z])\s+|\s+(?![A-Za-z])")
+_BASED_NUMBER_RE = re.compile(r"(-?[0-9A-Za-z]+)_\{?([0-9]+)\}?")
+_LATEX_CFG = (LatexExtractionConfig(),)
+_EXPR_CFG = (ExprExtractionConfig(),)
+
+
+@register_scorer("math")
+def math_scorer(response: str, ground_truth: Any) -> float:
+    """1.0 iff the response's last boxed answer equals ``ground_truth`` mathematically, else 0.0.
+
+    ``ground_truth`` is LaTeX or plain text (``"\\frac{1}{2}"``, ``"(0,-5)"``, ``"1000"``); a
+    boxed ground truth is unwrapped. Never raises.
+    """
+    try:
+        return float(_math_equal(response, ground_truth))
+    except (Exception, TimeoutException):  # TimeoutException is a BaseException
+        logger.debug("math scorer failed; scoring 0", exc_info=True)
+        return 0.0
+
+
+def _math_equal(response: str, ground_truth: Any) -> bool:
+    pred = last_boxed(response)
+    if pred is None:
+        return False
+    gold_text = str(ground_truth)
+    gold = _normalize(last_boxed(gold_text) or gold_text)
+    pred = _normalize(pred)
+    if not pred or not gold:
+        return False
+    if _squash(pred) == _squash(gold):  # identical text is equal whatever sympy makes of it
+        return True
+    if len(pred) > MAX_ANSWER_CHARS or any(r.search(pred) for r in _EXPLOSIVE_RES):
+        logger.debug("refusing to parse a hostile answer of %d chars", len(pred))
+        return False
+    based = _based_numbers_equal(gold, pred)
+    if based is not None:
+        return based
+    return _verified_equal(gold, pred)
+
+
+def _based_numbers_equal(gold: str, pred: str) -> bool | None:
+    """Verdict when both answers are numbers with a base subscript (``52_8``), else None.
+
+    math_verify drops subscripts, so it would read 52_8 and 52_9 both as 52.
+    """
+    gold_match = _BASED_NUMBER_RE.fullmatch(gold)
+    pred_match = _BASED_NUMBER_RE.fullmatch(pred)
+    if gold_match is None or pred_match is None:
+        return None
+    same_digits = gold_match.group(1) == pred_match.group(1)
+    return same_digits and int(gold_match.group(2)) == int(pred_match.group(2))
+
+
+def _verified_equal(gold: str, pred: str) -> bool:
+    """math_verify's verdict on two normalized bare answers (no string shortcut)."""
+    parse_timeout, verify_timeout = _timeouts()
+    gold_parsed = _parse_gold(gold, parse_timeout)
+    pred_parsed = _parse(pred, parse_timeout)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return verify(gold_parsed, pred_parsed, timeout_seconds=verify_timeout)
+
+
+def _normalize(answer: str) -> str:
+    """Drop LaTeX that never changes the value: spacing macros, \\left/\\right, $, extra blanks."""
+    answer = _THOUSANDS_RE.sub("", answer.strip().strip("$"))
+    answer = _SPACING_RE.sub(_drop_spacing, answer)
+    answer = answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    return " ".join(answer.split()).rstrip(".")
+
+
+def _squash(answer: str) -> str:
+    """``answer`` without the blanks that LaTeX math mode ignores."""
+    return _SPACE_RE.sub("", answer)
+
+
+def _drop_spacing(match: re.Match[str]) -> str:
+    return match.group() if match.group() == "\\\\" else ""
+
+
+def _timeouts() -> tuple[int | None, int | None]:
+    """(parse, verify) timeouts; None off the main thread, where signal.alarm is unavailable."""
+    if threading.current_thread() is threading.main_thread():
+        return PARSE_TIMEOUT_S, VERIFY_TIMEOUT_S
+    return None, None
+
+
+def _parse(answer: str, timeout_s: int | None) -> list[Any]:
+    """math_verify's parse of one bare answer: the first strategy that yields a sympy value.
+
+    Boxed LaTeX extraction handles nearly every answer, text and units included; the blank-free
+    form rescues a few that math_verify's unit stripping mangles ("a + b + c"), and plain
+    expression extraction a few it cannot read as LaTeX. If none yields a value, the first
+    string fallback is returned so that verify can still compare normalized strings.
+    """
+    candidates = [(f"\\boxed{{{answer}}}", _LATEX_CFG)]
+    if (squashed := _squash(answer)) != answer:
+        candidates.append((f"\\boxed{{{squashed}}}", _LATEX_CFG))
+    candidates.append((answer, _EXPR_CFG))
+    fallback: list[Any] = []
+    deadline = time.monotonic() + timeout_s if timeout_s else None
+    for text, cfg in candidates:
+        parsed = parse(text, extraction_config=cfg, parsing_timeout=timeout_s)
+        if any(not isinstance(p, str) for p in parsed):
+            return parsed
+        fallback = fallback or parsed
+        if deadline is not None and time.monotonic() >= deadline:
+            break  # this strategy hit the timeout; the others would spend it again
+    return fallback
+
+
+# A GRPO group scores many responses against one ground truth: parse it once.
+_parse_gold = functools.lru_cache(maxsize=4096)(_parse)
