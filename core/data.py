@@ -36,8 +36,8 @@ class PromptDataset(Dataset):
     def __init__(self, rows: Sequence[PromptRow], tokenizer, *, max_prompt_len: int) -> None:
         self.rows: list[PromptRow] = []
         self.ids: list[list[int]] = []
-        for row in rows:
-            ids = tokenizer.encode(row.prompt, add_special_tokens=False)
+        encoded = tokenizer([r.prompt for r in rows], add_special_tokens=False)["input_ids"] if rows else []
+        for row, ids in zip(rows, encoded):
             if len(ids) <= max_prompt_len:
                 self.rows.append(row)
                 self.ids.append(ids)

@@ -1,8 +1,15 @@
 """Built-in verifiable tasks, generated from a seed, with a held-out split, and their
 character-level tokenizer (built locally: nothing is downloaded).
 
-`addition`: prompts "045+678=" (operands zero-padded to `digits`), answer "723", then EOS. The
-scorer of the same name (roles/scorers.py) gives 1 for the exact sum, else 0.
+`addition`: prompt "045+678=" (operands zero-padded to `digits`), answer "0723" (the sum,
+zero-padded to digits + 1), then EOS. The scorer of the same name (roles/scorers.py) gives 1 for
+exactly that text, else 0.
+
+The supervised warm-up learns from a *sloppy teacher* that forgets each carry with probability
+`teacher_carry_drop`. Imitating it faithfully, a model answers greedily like the teacher's most
+likely output: it drops carries and gets only carry-free sums right, and more supervised steps
+do not change that. RL with a verifier rewards the true sum and has to find carrying itself:
+the quickstart shows what reinforcement learning adds over imitation.
 """
 from __future__ import annotations
 
@@ -24,18 +31,37 @@ class TaskConfig:
     """Built-in task: "addition"."""
     digits: int = 3
     """Operands have up to this many digits (zero-padded in the prompt)."""
-    min_operand: int = 0
-    eval_size: int = 200
+    eval_size: int = 500
     """Held-out problems, never drawn for training."""
-    train_size: int = 20000
+    train_size: int = 50000
     seed: int = 1234
     """Seed of the problem generator (independent of run.seed)."""
+    teacher_carry_drop: float = 0.6
+    """Supervised targets (launch.sft) forget each carry with this probability."""
 
 
 @dataclass(frozen=True, slots=True)
 class Task:
+    cfg: TaskConfig
     train: list[PromptRow]
     eval: list[PromptRow]
+
+    def teacher_answer(self, row: PromptRow, rng: random.Random) -> str:
+        """The sloppy teacher's answer to a prompt: each carry dropped with probability p."""
+        a, b = (int(x) for x in row.prompt.rstrip("=").split("+"))
+        return sloppy_sum(a, b, digits=self.cfg.digits, drop=self.cfg.teacher_carry_drop, rng=rng)
+
+
+def sloppy_sum(a: int, b: int, *, digits: int, drop: float, rng: random.Random) -> str:
+    """a + b written at digits + 1 characters, forgetting each carry with probability `drop`."""
+    out, carry = [], 0
+    for _ in range(digits):
+        d = a % 10 + b % 10 + carry
+        a, b = a // 10, b // 10
+        out.append(d % 10)
+        carry = int(d >= 10 and rng.random() >= drop)
+    out.append(carry)
+    return "".join(str(x) for x in reversed(out))
 
 
 def char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
@@ -53,18 +79,12 @@ def char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
 def build_task(cfg: TaskConfig) -> Task:
     if cfg.name != "addition":
         raise ValueError(f"unknown built-in task {cfg.name!r}; valid: addition")
-    hi = 10**cfg.digits - 1
-    space = (hi - cfg.min_operand + 1) ** 2
-    if cfg.eval_size + cfg.train_size > space:
-        raise ValueError(f"task.train_size + task.eval_size exceed the {space} distinct problems")
+    n = 10**cfg.digits
+    if cfg.eval_size + cfg.train_size > n * n:
+        raise ValueError(f"task.train_size + task.eval_size exceed the {n * n} distinct problems")
     rng = random.Random(cfg.seed)
-    seen: set[tuple[int, int]] = set()
-    pairs: list[tuple[int, int]] = []
-    while len(pairs) < cfg.eval_size + cfg.train_size:
-        a, b = rng.randint(cfg.min_operand, hi), rng.randint(cfg.min_operand, hi)
-        if (a, b) not in seen:
-            seen.add((a, b))
-            pairs.append((a, b))
-    rows = [PromptRow(f"{a:0{cfg.digits}d}+{b:0{cfg.digits}d}=", str(a + b), "addition")
-            for a, b in pairs]
-    return Task(train=rows[cfg.eval_size:], eval=rows[:cfg.eval_size])
+    # Distinct pairs without replacement; the held-out split comes first and is never trained on.
+    pairs = [divmod(i, n) for i in rng.sample(range(n * n), cfg.eval_size + cfg.train_size)]
+    w = cfg.digits
+    rows = [PromptRow(f"{a:0{w}d}+{b:0{w}d}=", f"{a + b:0{w + 1}d}", "addition") for a, b in pairs]
+    return Task(cfg=cfg, train=rows[cfg.eval_size:], eval=rows[:cfg.eval_size])

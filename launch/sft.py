@@ -1,8 +1,8 @@
 """Supervised warm-up on the built-in task: `torchrun ... -m launch.sft --config configs/X.yaml`.
 
-Trains the policy on (prompt, answer + EOS) pairs of the built-in task's training split with the
-loss on response tokens only, through the same FSDP2 actor as RL, evaluates held-out accuracy
-with the same engine and scorer, and writes a Hugging Face folder (safetensors, config,
+Trains the policy on (prompt, teacher answer + EOS) pairs of the built-in task's training split
+(the task's sloppy teacher, core/tasks.py) with the loss on response tokens only, through the
+same FSDP2 actor as RL, evaluates held-out accuracy with the same engine and scorer, and writes a Hugging Face folder (safetensors, config,
 tokenizer) to `<run.output_dir>/hf` that `model.path` can point at.
 
 It makes the quickstart's starting checkpoint (assets/quickstart-sft; command in its README):
@@ -11,6 +11,7 @@ a deterministic start the RL run improves on.
 from __future__ import annotations
 
 import json
+import random
 import logging
 import sys
 import time
@@ -24,7 +25,7 @@ from algorithms.losses import NLLLoss
 from core import dist
 from core.batch import Batch
 from core.config import load_config, parse_cli, to_yaml
-from core.data import PromptDataset, PromptStream
+from core.data import PromptDataset, PromptRow, PromptStream
 from core.evaluate import evaluate
 from core.hybrid import HybridConfig, HybridEngine
 from core.models import ModelConfig, build_model, dtype_of, load_tokenizer, save_hf_folder, shard_model
@@ -49,10 +50,9 @@ class SFTConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def with_answers(prompts: Batch, tokenizer, device: torch.device) -> Batch:
-    """Add the target answer (+ EOS) of every prompt as its response."""
-    seqs = [tokenizer.encode(str(a), add_special_tokens=False) + [tokenizer.eos_token_id]
-            for a in prompts.ground_truth]
+def with_targets(prompts: Batch, targets: list[str], tokenizer, device: torch.device) -> Batch:
+    """Add each prompt's supervised target (+ EOS) as its response."""
+    seqs = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in targets]
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -91,8 +91,12 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
 
     t0 = time.perf_counter()
     loss_fn = NLLLoss()
+    teacher_rng = random.Random(cfg.run.seed * 1009 + info.rank)
     for step in range(1, cfg.run.steps + 1):
-        batch = with_answers(next(stream), tokenizer, info.device)
+        prompts = next(stream)
+        targets = [task.teacher_answer(PromptRow(p, a, s), teacher_rng) for p, a, s in
+                   zip(prompts.prompt_text, prompts.ground_truth, prompts.data_source)]
+        batch = with_targets(prompts, targets, tokenizer, info.device)
         metrics = actor.update(batch, loss_fn=loss_fn).metrics
         row = {"step": step, "sft/nll": metrics["actor/nll"], "actor/lr": metrics["actor/lr"]}
         if step == cfg.run.steps or (cfg.eval.every and step % cfg.eval.every == 0):

@@ -9,7 +9,7 @@ sample's ``data_source`` (or a configured name) through :func:`get_scorer`.
 Built-in scorers:
 
 * ``addition``: the built-in ``"045+678="`` task; 1.0 iff the stripped response is exactly the
-  canonical decimal sum (no leading zeros).
+  fixed-width answer (``"0723"``).
 * ``math``: the last ``\\boxed{...}`` of the response compared with the ground truth by
   mathematical equivalence (``math_verify``). Never raises; any failure scores 0.0.
 
@@ -111,20 +111,22 @@ def _braced_group(text: str) -> str | None:
 
 # --------------------------------------------------------------------------- addition
 
-_CANONICAL_INT_RE = re.compile(r"-?(?:0|[1-9][0-9]*)")
+_DIGITS_RE = re.compile(r"[0-9]+")
 
 
 @register_scorer("addition")
 def addition_scorer(response: str, ground_truth: Any) -> float:
-    """1.0 iff ``response.strip()`` is exactly ``str(int(ground_truth))``, else 0.0.
+    """1.0 iff ``response.strip()`` is exactly the ground-truth answer string, else 0.0.
 
-    Leading zeros, signs of zero, extra characters and unicode digits all score 0.0. A ground
-    truth that ``int()`` rejects raises ValueError: that is a data bug, not a wrong answer.
+    The built-in task writes answers at a fixed width (``"045+678="`` -> ``"0723"``), so the
+    ground truth is the exact expected text. Anything else (a missing leading zero, extra
+    characters, unicode digits) scores 0.0. A ground truth that is not ASCII digits raises
+    ValueError: that is a data bug, not a wrong answer.
     """
-    expected = str(int(ground_truth))
-    answer = response.strip()
-    # Compare text, not int(answer): int() accepts "0723", "+723", "7_23" and huge inputs.
-    return float(_CANONICAL_INT_RE.fullmatch(answer) is not None and answer == expected)
+    expected = str(ground_truth)
+    if _DIGITS_RE.fullmatch(expected) is None:
+        raise ValueError(f"addition ground truth must be ASCII digits, got {expected!r}")
+    return float(response.strip() == expected)
 
 
 # --------------------------------------------------------------------------- math

@@ -77,18 +77,18 @@ def test_last_boxed(text, expected):
 @pytest.mark.parametrize(
     "response, truth, score",
     [
-        ("723", 723, 1.0),
-        ("723 ", "723", 1.0),
-        ("\n723\n", "0723", 1.0),
-        ("0", 0, 1.0),
-        ("0723", 723, 0.0),
-        ("72", 723, 0.0),
-        ("723x", 723, 0.0),
-        ("7 23", 723, 0.0),
-        ("+723", 723, 0.0),
-        ("", 723, 0.0),
-        ("00", 0, 0.0),
-        ("\u0667\u0662\u0663", 723, 0.0),  # Arabic-Indic digits: int() would accept them
+        ("0723", "0723", 1.0),
+        ("0723 ", "0723", 1.0),
+        ("\n0723\n", "0723", 1.0),
+        ("1998", 1998, 1.0),
+        ("723", "0723", 0.0),     # the width is part of the answer
+        ("00723", "0723", 0.0),
+        ("072", "0723", 0.0),
+        ("0723x", "0723", 0.0),
+        ("07 23", "0723", 0.0),
+        ("+0723", "0723", 0.0),
+        ("", "0723", 0.0),
+        ("\u0660\u0667\u0662\u0663", "0723", 0.0),  # Arabic-Indic digits
     ],
 )
 def test_addition(response, truth, score):
@@ -161,6 +161,8 @@ def test_math_no_box_scores_zero():
 def test_addition_rejects_bad_ground_truth():
     with pytest.raises(ValueError):
         addition_score("1", "one")
+    with pytest.raises(ValueError):
+        addition_score("1", "-1")
 
 
 def test_math_int_ground_truth():
