@@ -1,4 +1,5 @@
-"""Prompt data: rows -> tokenized prompts -> a resumable, rank-sharded stream of batches.
+"""Prompt data: rows (a built-in task or JSONL files) -> tokenized prompts -> a resumable,
+rank-sharded stream of batches.
 
 Every rank reads its own shard through a torchdata `StatefulDataLoader`. The sampler draws one
 permutation per epoch from its own generator seeded with (seed, epoch), so the order is the same
@@ -6,8 +7,10 @@ on every rank and after a restore, and each rank takes every world_size-th index
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -156,3 +159,58 @@ class PromptStream:
 def shard_rows(rows: Sequence[Any], rank: int, world_size: int) -> list[Any]:
     """Every world_size-th row starting at rank (for evaluation; may differ by one per rank)."""
     return list(rows[rank::world_size])
+
+
+@dataclass(kw_only=True, slots=True)
+class PromptFormat:
+    """How rows of a prompt file become prompts."""
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    data_source: str = "math"
+    """Scorer for these rows (see roles/scorers.py), unless a row has a `data_source` field."""
+    chat_template: bool = True
+    """Wrap the prompt as a user turn with the tokenizer's chat template."""
+    system_prompt: str | None = None
+    instruction: str = " Let's think step by step and output the final answer within \\boxed{}."
+    """Appended to every problem."""
+
+
+def read_jsonl(path: str | Path, fmt: PromptFormat, tokenizer=None) -> list[PromptRow]:
+    """Rows of a JSONL prompt file; malformed lines are reported with file and line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+    rows, errors = [], []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict):
+                    raise ValueError("not a JSON object")
+                missing = [k for k in (fmt.prompt_key, fmt.answer_key) if k not in obj]
+                if missing:
+                    raise ValueError(f"missing field(s) {missing} (has: {sorted(obj)})")
+                rows.append(PromptRow(render_prompt(str(obj[fmt.prompt_key]), fmt, tokenizer),
+                                      obj[fmt.answer_key], obj.get("data_source", fmt.data_source)))
+            except ValueError as e:
+                errors.append(f"{path}:{lineno}: {e}")
+    if errors:
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        raise ValueError("malformed prompt rows:\n  " + "\n  ".join(errors[:5]) + more)
+    if not rows:
+        raise ValueError(f"prompt file {str(path)!r} has no rows")
+    return rows
+
+
+def render_prompt(problem: str, fmt: PromptFormat, tokenizer=None) -> str:
+    text = problem + fmt.instruction
+    if not fmt.chat_template:
+        return text
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("data.format.chat_template is set but the tokenizer has no chat template "
+                         "(set data.format.chat_template=false for raw prompts)")
+    messages = ([{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else [])
+    messages.append({"role": "user", "content": text})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -15,7 +15,7 @@ import torch
 import algorithms  # noqa: F401  (registers the built-in algorithms)
 from algorithms.base import get_algorithm
 from core import dist
-from core.data import PROMPT_FIELDS, PromptDataset, PromptStream
+from core.data import PROMPT_FIELDS, PromptDataset, PromptStream, read_jsonl
 from core.graph import Graph, Node
 from core.hybrid import HybridEngine
 from core.models import build_model, dtype_of, load_tokenizer, shard_model
@@ -51,7 +51,7 @@ def build_job(cfg: JobConfig) -> Job:
     info = dist.info()
     graph = build_graph(cfg)
     tokenizer = load_tokenizer(cfg.model) or char_tokenizer()
-    task = build_task(cfg.data.task)
+    task = load_prompts(cfg, tokenizer)
     roles = build_roles(cfg, graph.roles(), tokenizer)
     graph.bind(roles)
     hybrid = HybridEngine(cfg.hybrid, actor=roles["actor"], rollout=roles["rollout"],
@@ -64,6 +64,16 @@ def build_job(cfg: JobConfig) -> Job:
                           rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
                           pad_id=tokenizer.pad_token_id, shuffle=cfg.data.shuffle)
     return Job(cfg, tokenizer, task, graph, graph.order(PROMPT_FIELDS), roles, hybrid, stream)
+
+
+def load_prompts(cfg: JobConfig, tokenizer) -> Task:
+    """Training and held-out rows: from JSONL files when given, else the built-in task."""
+    task = build_task(cfg.data.task) if not (cfg.data.train_files and cfg.data.eval_files) else None
+    train = ([r for f in cfg.data.train_files for r in read_jsonl(f, cfg.data.format, tokenizer)]
+             if cfg.data.train_files else task.train)
+    held_out = ([r for f in cfg.data.eval_files for r in read_jsonl(f, cfg.data.format, tokenizer)]
+                if cfg.data.eval_files else task.eval)
+    return Task(cfg=cfg.data.task, train=train, eval=held_out)
 
 
 def build_roles(cfg: JobConfig, used: set[str], tokenizer) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from algorithms.base import AlgorithmConfig
+from core.data import PromptFormat
 from core.hybrid import HybridConfig
 from core.models import ModelConfig
 from core.tasks import TaskConfig
@@ -32,7 +33,12 @@ class RunConfig:
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
-    """The built-in task that generates training and held-out prompts."""
+    """The built-in task that generates training and held-out prompts (when no files are set)."""
+    train_files: list[str] = field(default_factory=list)
+    """JSONL prompt files to train on (e.g. data/math_train_deepscaler.jsonl); empty: the task."""
+    eval_files: list[str] = field(default_factory=list)
+    """JSONL held-out files for eval/accuracy (e.g. data/math500.jsonl); empty: the task's split."""
+    format: PromptFormat = field(default_factory=PromptFormat)
     prompts_per_step: int = 64
     """Prompts per step over all ranks (each yields rollout.n samples); divisible by world size."""
     max_prompt_len: int = 512

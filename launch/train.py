@@ -52,9 +52,9 @@ class Trainer:
 
     def run_eval(self) -> dict[str, float]:
         j = self.job
-        j.hybrid.enter(Phase.GENERATE)
+        switch = j.hybrid.enter(Phase.GENERATE)
         t0 = time.perf_counter()
-        m = evaluate(j.roles["rollout"], j.roles["reward"], j.task.eval, j.tokenizer,
+        m = switch | evaluate(j.roles["rollout"], j.roles["reward"], j.task.eval, j.tokenizer,
                      batch_size=self.cfg.eval.batch_size,
                      max_new_tokens=self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens,
                      max_prompt_len=self.cfg.data.max_prompt_len)
