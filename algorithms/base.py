@@ -6,12 +6,12 @@ An algorithm is a function `build_graph(job: JobConfig) -> Graph`, registered by
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from algorithms.losses import AggMode, KLEstimator
 from core.graph import Graph
+from core.registry import Registry
 
 
 @dataclass(kw_only=True, slots=True)
@@ -40,30 +40,7 @@ class AlgorithmConfig:
 
 
 GraphBuilder = Callable[[Any], Graph]
-ALGORITHMS: dict[str, GraphBuilder] = {}
-
-
-def register_algorithm(name: str) -> Callable[[GraphBuilder], GraphBuilder]:
-    def wrap(fn: GraphBuilder) -> GraphBuilder:
-        if name in ALGORITHMS:
-            raise ValueError(f"algorithm {name!r} is already registered")
-        ALGORITHMS[name] = fn
-        return fn
-    return wrap
-
-
-def get_algorithm(name: str) -> GraphBuilder:
-    """A registered builder, or one imported from "package.module:function"."""
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"algorithm.name {name!r}: cannot import {attr!r} from {module!r}: {e}") from e
-        if not callable(fn):
-            raise ValueError(f"algorithm.name {name!r} is not callable")
-        return fn
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(sorted(ALGORITHMS))} "
-                         f"(or a 'package.module:function' import path)")
-    return ALGORITHMS[name]
+ALGORITHMS: Registry[GraphBuilder] = Registry("algorithm", importable=True)
+register_algorithm = ALGORITHMS.register
+get_algorithm = ALGORITHMS.get
+"""A registered graph builder, or one imported from "package.module:function"."""

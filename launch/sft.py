@@ -11,9 +11,8 @@ a deterministic start the RL run improves on.
 from __future__ import annotations
 
 import json
-import random
 import logging
-import sys
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,14 @@ import torch
 from algorithms.losses import NLLLoss
 from core import dist
 from core.batch import Batch
-from core.config import load_config, parse_cli, to_yaml
+from core.config import to_yaml
 from core.data import PromptDataset, PromptRow, PromptStream
 from core.evaluate import evaluate
 from core.hybrid import HybridConfig, HybridEngine
 from core.models import ModelConfig, build_model, dtype_of, load_tokenizer, save_hf_folder, shard_model
 from core.tasks import build_task, char_tokenizer
 from launch.config import DataConfig, EvalConfig, RunConfig
+from launch.entry import run_entry
 from roles.actor import Actor
 from roles.reward import Reward
 from roles.rollout import Rollout
@@ -114,16 +114,7 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
-    path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(SFTConfig, path, overrides)
-    dist.setup_logging(getattr(logging, cfg.run.log_level))
-    dist.init_distributed(device=cfg.run.device)
-    try:
-        torch.manual_seed(cfg.run.seed)
-        logger.info("resolved config:\n%s", to_yaml(cfg))
-        return train(cfg)
-    finally:
-        dist.destroy()
+    return run_entry(SFTConfig, train, argv)
 
 
 if __name__ == "__main__":

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from core import dist
 from core.batch import Batch
-from core.config import load_config, parse_cli, to_yaml
+from core.config import to_yaml
 from core.data import PROMPT_FIELDS
 from core.evaluate import evaluate
 from core.graph import Phase
 from launch.build import Job, build_job
 from launch.config import JobConfig
+from launch.entry import run_entry
 
 logger = logging.getLogger("launch.train")
 
@@ -76,7 +74,7 @@ class Trainer:
         return metrics
 
     def fit(self) -> list[dict[str, float]]:
-        cfg, info = self.cfg, dist.info()
+        cfg = self.cfg
         self._write_run_files()
         self.job.hybrid.sync_weights(force=True)  # the engine starts from the actor's weights
         t_start = time.perf_counter()
@@ -129,16 +127,7 @@ def console_line(row: dict[str, float], total: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
-    path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(JobConfig, path, overrides)
-    dist.setup_logging(getattr(logging, cfg.run.log_level))
-    dist.init_distributed(device=cfg.run.device)
-    try:
-        torch.manual_seed(cfg.run.seed)
-        logger.info("resolved config:\n%s", to_yaml(cfg))
-        return Trainer(build_job(cfg)).fit()
-    finally:
-        dist.destroy()
+    return run_entry(JobConfig, lambda cfg: Trainer(build_job(cfg)).fit(), argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
+from core.registry import Registry
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -58,19 +60,6 @@ class Engine(Protocol):
     def wake(self) -> None: ...
 
 
-ENGINES: dict[str, Callable[..., Engine]] = {}
-
-
-def register_engine(name: str) -> Callable:
-    def wrap(factory: Callable[..., Engine]) -> Callable[..., Engine]:
-        if name in ENGINES:
-            raise ValueError(f"rollout engine {name!r} is already registered")
-        ENGINES[name] = factory
-        return factory
-    return wrap
-
-
-def get_engine(name: str) -> Callable[..., Engine]:
-    if name not in ENGINES:
-        raise ValueError(f"unknown rollout engine {name!r}; valid: {', '.join(sorted(ENGINES))}")
-    return ENGINES[name]
+ENGINES: Registry[Callable[..., Engine]] = Registry("rollout engine")
+register_engine = ENGINES.register
+get_engine = ENGINES.get

@@ -32,38 +32,18 @@ from typing import Any
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from math_verify.errors import TimeoutException
 
+from core.registry import Registry
+
 logger = logging.getLogger(__name__)
 
 Scorer = Callable[[str, Any], float]
 
-_SCORERS: dict[str, Scorer] = {}
-
-
-def register_scorer(name: str) -> Callable[[Scorer], Scorer]:
-    """Decorator registering ``fn`` under ``name``; a name already taken raises ValueError."""
-
-    def decorator(fn: Scorer) -> Scorer:
-        if name in _SCORERS:
-            raise ValueError(f"scorer {name!r} is already registered")
-        _SCORERS[name] = fn
-        return fn
-
-    return decorator
-
-
-def get_scorer(name: str) -> Scorer:
-    """The scorer registered as ``name``; an unknown name raises ValueError listing valid ones."""
-    try:
-        return _SCORERS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown scorer {name!r}; valid names: {', '.join(scorer_names())}"
-        ) from None
-
-
-def scorer_names() -> list[str]:
-    """Registered scorer names, sorted."""
-    return sorted(_SCORERS)
+SCORERS: Registry[Scorer] = Registry("scorer")
+register_scorer = SCORERS.register
+"""Decorator registering a scorer under a name; a name already taken raises ValueError."""
+get_scorer = SCORERS.get
+"""The scorer registered under a name; an unknown name raises ValueError listing valid ones."""
+scorer_names = SCORERS.names
 
 
 # --------------------------------------------------------------------------- answer extraction

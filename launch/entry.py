@@ -1,0 +1,32 @@
+"""The shared shape of every entry point: parse, configure, set up, run, tear down."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+from core import dist
+from core.config import load_config, parse_cli, to_yaml
+
+C = TypeVar("C")
+R = TypeVar("R")
+logger = logging.getLogger("launch")
+
+
+def run_entry(schema: type[C], body: Callable[[C], R], argv: Sequence[str] | None = None) -> R:
+    """Load `schema` from `--config PATH key=value ...`, start logging and the process group,
+    print the resolved config, run `body(cfg)`, and always destroy the process group.
+
+    The schema must have a `run` section with `device`, `seed` and `log_level`."""
+    path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(schema, path, overrides)
+    dist.setup_logging(getattr(logging, cfg.run.log_level))
+    dist.init_distributed(device=cfg.run.device)
+    try:
+        torch.manual_seed(cfg.run.seed)
+        logger.info("resolved config:\n%s", to_yaml(cfg))
+        return body(cfg)
+    finally:
+        dist.destroy()
