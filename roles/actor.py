@@ -1,33 +1,22 @@
 """The actor: the trained policy, sharded with FSDP2 over every process.
 
-Operations: `log_probs(batch)` (no grad), `update(batch, loss_fn)` (mini-batches x epochs of
-micro-batched forward/backward, gradient clipping, AdamW, LR schedule), `export_weights()`
-(full tensors, bucket by bucket, for the rollout engine).
-
-Loss scaling contract. A loss function sees one micro-batch and a `GlobalCounts` of the whole
-optimizer step (tokens and sequences summed over every micro-batch on every rank). It returns
-its micro-batch's *share* of the step loss, e.g. sum(mask * L) / counts.tokens for token-mean,
-so the shares add up to the exact global value however the step is split. FSDP2 averages
-gradients over ranks, so the actor multiplies each share by the world size before backward;
-the sum over ranks is then the true gradient. Metrics returned by the loss are shares too.
+Operations: `log_probs(batch)` (no grad), `update(batch, loss_fn)` (core/optim.py: mini-batches
+x epochs of micro-batched forward/backward, gradient clipping, AdamW, LR schedule; the loss
+scaling contract is described there), `export_weights()` (full tensors, bucket by bucket, for
+the rollout engine).
 """
 from __future__ import annotations
 
-import logging
-import math
-from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, Protocol
+from dataclasses import dataclass
+from typing import Iterator, Protocol
 
 import torch
 
-from core import dist
-from core.batch import Batch, global_counts, GlobalCounts
+from core.batch import Batch, GlobalCounts
 from core.graph import Result
 from core.models import batched_logprobs, token_logprobs
+from core.optim import OptimConfig, TrainState
 from core.reshard import full_weight_buckets
-
-logger = logging.getLogger(__name__)
 
 
 class LossFn(Protocol):
@@ -39,38 +28,24 @@ class LossFn(Protocol):
 
 class Actor:
     @dataclass(kw_only=True, slots=True)
-    class Config:
-        lr: float = 1e-6
-        betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-        weight_decay: float = 0.0
-        warmup_steps: int = 0
-        """Optimizer steps of linear warm-up from 0 to lr."""
-        lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
-        """Shape after warm-up, decaying to min_lr_ratio * lr at the last step."""
-        min_lr_ratio: float = 0.0
-        grad_clip: float = 1.0
-        """Max global gradient norm; 0 disables clipping (the norm is still logged)."""
-        micro_batch_size: int = 8
-        """Samples per forward/backward on each rank."""
-        mini_batches: int = 1
-        """Optimizer steps per training step: the step's samples split into this many parts."""
-        epochs: int = 1
-        """Passes over the step's samples (PPO epochs)."""
-        param_dtype: str = "float32"
-        """FSDP2 compute dtype (bfloat16 on GPU); master weights stay float32."""
+    class Config(OptimConfig):
+        pass
 
     def __init__(self, cfg: Config, model: torch.nn.Module, *, total_steps: int,
                  temperature: float = 1.0) -> None:
         self.cfg = cfg
         self.model = model
         self.temperature = temperature
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                           weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(cfg, total_steps * cfg.mini_batches * cfg.epochs))
-        self.version = 0
+        self.train_state = TrainState(model, cfg, total_steps=total_steps)
+
+    @property
+    def version(self) -> int:
         """Optimizer steps taken; the hybrid engine re-syncs the rollout when it changes."""
-        self.skipped_steps = 0
+        return self.train_state.version
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.train_state.optimizer
 
     @torch.no_grad()
     def log_probs(self, batch: Batch) -> torch.Tensor:
@@ -79,82 +54,23 @@ class Actor:
         return batched_logprobs(self.model, batch, micro_batch_size=self.cfg.micro_batch_size,
                                 temperature=self.temperature)
 
-    def update(self, batch: Batch, *, loss_fn: LossFn) -> Result:
-        self.model.train()
-        sums: dict[str, float] = defaultdict(float)
-        n_opt = 0
-        for _ in range(self.cfg.epochs):
-            for mini in _split_even(batch, self.cfg.mini_batches):
-                for key, value in self._optimizer_step(mini, loss_fn).items():
-                    sums[key] += value
-                n_opt += 1
-        metrics = {f"actor/{k}": v / n_opt for k, v in sums.items()}
-        metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
-        metrics["actor/skipped_steps"] = float(self.skipped_steps)
-        return Result(metrics=metrics)
-
-    def _optimizer_step(self, mini: Batch, loss_fn: LossFn) -> dict[str, float]:
-        out = self.accumulate(mini, loss_fn)
-        out["grad_norm"] = self._clip_and_step()
-        return out
-
-    def accumulate(self, mini: Batch, loss_fn: LossFn) -> dict[str, float]:
-        """Forward/backward over the micro-batches of one optimizer step (gradients accumulate
-        in .grad); returns the step's loss and metrics summed over micro-batches and ranks."""
-        counts = global_counts(mini)
-        world = dist.info().world_size
-        shares: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
-        for mb in mini.split(self.cfg.micro_batch_size):
+    def _micro_loss(self, loss_fn: LossFn):
+        def micro(mb: Batch, counts: GlobalCounts):
             logp_BR, ent_BR = token_logprobs(self.model, mb, temperature=self.temperature,
                                              with_entropy=loss_fn.needs_entropy)
-            loss, metrics = loss_fn(logp_BR, ent_BR, mb, counts)
-            (loss * world).backward()
-            shares["loss"] += loss.detach().double().cpu()
-            for k, v in metrics.items():
-                shares[k] += v.detach().double().cpu()
-        return dist.all_reduce_scalars({k: float(v) for k, v in shares.items()})
+            return loss_fn(logp_BR, ent_BR, mb, counts)
+        return micro
 
-    def _clip_and_step(self) -> float:
-        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        norm = float(norm)
-        if math.isfinite(norm):
-            self.optimizer.step()
-            self.version += 1
-        else:
-            # Every rank sees the same global norm, so every rank skips together.
-            self.skipped_steps += 1
-            logger.warning("non-finite gradient norm (%s): update skipped", norm)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return norm
+    def update(self, batch: Batch, *, loss_fn: LossFn) -> Result:
+        metrics = self.train_state.update(batch, self._micro_loss(loss_fn))
+        return Result(metrics={f"actor/{k}": v for k, v in metrics.items()})
+
+    def accumulate(self, batch: Batch, loss_fn: LossFn) -> dict[str, float]:
+        """Gradients of one optimizer step without stepping (for tests and diagnostics)."""
+        self.model.train()
+        return self.train_state.accumulate(batch, self._micro_loss(loss_fn))
 
     def export_weights(self, *, bucket_bytes: int, dtype: torch.dtype | None = None
                        ) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Full weights in buckets of about bucket_bytes (a collective: call on every rank)."""
         return full_weight_buckets(self.model, bucket_bytes=bucket_bytes, dtype=dtype)
-
-
-def _split_even(batch: Batch, parts: int) -> list[Batch]:
-    if len(batch) % parts:
-        raise ValueError(f"actor.mini_batches={parts} does not divide the {len(batch)} samples "
-                         f"of this rank's step")
-    size = len(batch) // parts
-    return [batch.select(range(i, i + size)) for i in range(0, len(batch), size)]
-
-
-def lr_lambda(cfg: Actor.Config, total: int) -> Callable[[int], float]:
-    """Multiplier of cfg.lr at optimizer step s: linear warm-up, then the configured decay."""
-    warm, floor = cfg.warmup_steps, cfg.min_lr_ratio
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        if cfg.lr_schedule == "constant" or total <= warm:
-            return 1.0
-        frac = min(1.0, (step - warm) / max(1, total - warm))
-        decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_schedule == "cosine" else 1 - frac
-        return floor + (1 - floor) * decay
-    return f

@@ -1,0 +1,134 @@
+"""A trainable sharded model: its optimizer, LR schedule and the update loop.
+
+The actor and the critic share this. One `update` runs `epochs` passes over the step's
+samples, split into `mini_batches` optimizer steps, each accumulated over micro-batches.
+
+Loss scaling contract. A micro-batch loss function sees one micro-batch and the `GlobalCounts`
+of its whole optimizer step (tokens and sequences summed over every micro-batch on every rank).
+It returns its micro-batch's *share* of the step loss (e.g. sum(mask * L) / counts.tokens for
+token-mean), so shares add up to the exact global value however the step is split. FSDP2
+averages gradients over ranks, so each share is multiplied by the world size before backward;
+the sum over ranks is then the true gradient. Metrics returned alongside are shares too.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+
+from core import dist
+from core.batch import Batch, GlobalCounts, global_counts
+
+logger = logging.getLogger(__name__)
+
+MicroLoss = Callable[[Batch, GlobalCounts], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 1e-6
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    """Optimizer steps of linear warm-up from ~0 to lr."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Shape after warm-up, decaying to min_lr_ratio * lr at the last step."""
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 disables clipping (the norm is still logged)."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward on each rank."""
+    mini_batches: int = 1
+    """Optimizer steps per training step: the step's samples split into this many parts."""
+    epochs: int = 1
+    """Passes over the step's samples (PPO epochs)."""
+    param_dtype: str = "float32"
+    """FSDP2 compute dtype (bfloat16 on GPU); master weights stay float32."""
+
+
+class TrainState:
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, *, total_steps: int) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg, total_steps * cfg.mini_batches * cfg.epochs))
+        self.version = 0
+        """Optimizer steps taken."""
+        self.skipped_steps = 0
+
+    def update(self, batch: Batch, micro_loss: MicroLoss) -> dict[str, float]:
+        """All optimizer steps of one training step; metrics averaged over them."""
+        self.model.train()
+        sums: dict[str, float] = defaultdict(float)
+        n_opt = 0
+        for _ in range(self.cfg.epochs):
+            for mini in split_even(batch, self.cfg.mini_batches):
+                for key, value in self.accumulate(mini, micro_loss).items():
+                    sums[key] += value
+                sums["grad_norm"] += self.step()
+                n_opt += 1
+        out = {k: v / n_opt for k, v in sums.items()}
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        out["skipped_steps"] = float(self.skipped_steps)
+        return out
+
+    def accumulate(self, mini: Batch, micro_loss: MicroLoss) -> dict[str, float]:
+        """Forward/backward over the micro-batches of one optimizer step (gradients accumulate
+        in .grad); returns the step's loss and metrics summed over micro-batches and ranks."""
+        counts = global_counts(mini)
+        world = dist.info().world_size
+        shares: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        for mb in mini.split(self.cfg.micro_batch_size):
+            loss, metrics = micro_loss(mb, counts)
+            (loss * world).backward()
+            shares["loss"] += loss.detach().double().cpu()
+            for k, v in metrics.items():
+                shares[k] += v.detach().double().cpu()
+        return dist.all_reduce_scalars({k: float(v) for k, v in shares.items()})
+
+    def step(self) -> float:
+        """Clip, step (unless the gradient norm is not finite), advance the schedule."""
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        norm = float(norm)
+        if math.isfinite(norm):
+            self.optimizer.step()
+            self.version += 1
+        else:
+            # Every rank sees the same global norm, so every rank skips together.
+            self.skipped_steps += 1
+            logger.warning("non-finite gradient norm (%s): update skipped", norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return norm if math.isfinite(norm) else 0.0
+
+
+def split_even(batch: Batch, parts: int) -> list[Batch]:
+    if len(batch) % parts:
+        raise ValueError(f"mini_batches={parts} does not divide the {len(batch)} samples of this "
+                         f"rank's step")
+    size = len(batch) // parts
+    return [batch.select(range(i, i + size)) for i in range(0, len(batch), size)]
+
+
+def lr_lambda(cfg: OptimConfig, total: int) -> Callable[[int], float]:
+    """Multiplier of cfg.lr at optimizer step s: linear warm-up, then the configured decay."""
+    warm, floor = cfg.warmup_steps, cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if cfg.lr_schedule == "constant" or total <= warm:
+            return 1.0
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.lr_schedule == "cosine" else 1 - frac
+        return floor + (1 - floor) * decay
+    return f
