@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from core.batch import Batch, GlobalCounts
+from core.batch import Batch, GlobalCounts, loss_mask
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -75,51 +75,103 @@ def ppo_clip_loss(logp_BR: torch.Tensor, old_logp_BR: torch.Tensor, adv_BR: torc
 
 @dataclass(kw_only=True, slots=True)
 class PolicyLoss:
-    """PPO-clip policy loss + optional KL-in-loss and entropy bonus, as the actor's loss_fn."""
+    """PPO-clip policy loss, plus optional KL-to-reference, entropy bonus and positive-example
+    NLL (VAPO); the actor's loss_fn. Tokens: `loss_mask` when present, else response_mask."""
     agg_mode: AggMode = "token-mean"
     eps_low: float = 0.2
     eps_high: float = 0.2
+    """> eps_low is DAPO's clip-higher."""
     dual_clip: float | None = None
+    """Dual-clip constant c (> 1) for negative advantages; None disables."""
     norm_const: float | None = None
+    """C of seq-mean-token-sum-norm; None: the rollout's max_new_tokens."""
     kl_coef: float = 0.0
+    """Weight of KL(pi || ref) in the loss; needs a reference model."""
     kl_estimator: KLEstimator = "k3"
     entropy_coef: float = 0.0
     log_entropy: bool = True
+    """Compute (chunked) entropy for the actor/entropy metric even without a bonus."""
+    nll_coef: float = 0.0
+    """VAPO's positive-example NLL weight mu: token-mean NLL over responses with score > 0.5."""
 
     @property
     def needs_entropy(self) -> bool:
         return self.entropy_coef != 0 or self.log_entropy
 
+    def inputs(self) -> tuple[str, ...]:
+        """Batch fields this loss reads besides the sequence."""
+        return (("old_logp", "advantages") + (("ref_logp",) if self.kl_coef else ())
+                + (("scores",) if self.nll_coef else ()))
+
     def __call__(self, logp_BR: torch.Tensor, entropy_BR: torch.Tensor | None, mb: Batch,
                  counts: GlobalCounts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        mask = mb.response_mask
+        mask = loss_mask(mb)
+        agg = lambda x: aggregate(x, mask, self.agg_mode, counts, norm_const=self.norm_const)  # noqa: E731
+        token_mean = lambda x: aggregate(x.detach().float(), mask, "token-mean", counts)  # noqa: E731
         pg_BR, flags = ppo_clip_loss(logp_BR, mb.old_logp, mb.advantages, eps_low=self.eps_low,
                                      eps_high=self.eps_high, dual_clip=self.dual_clip)
-        loss = aggregate(pg_BR, mask, self.agg_mode, counts, norm_const=self.norm_const)
-        token_mean = lambda x: aggregate(x.detach().float(), mask, "token-mean", counts)  # noqa: E731
+        loss = agg(pg_BR)
         metrics = {"pg_loss": loss.detach()}
         metrics.update({k: token_mean(v) for k, v in flags.items()})
         metrics["approx_kl_old"] = token_mean(kl_penalty(logp_BR, mb.old_logp, "k3"))
         if self.kl_coef:
             kl_BR = kl_penalty(logp_BR, mb.ref_logp, self.kl_estimator)
-            loss = loss + self.kl_coef * aggregate(kl_BR, mask, self.agg_mode, counts,
-                                                   norm_const=self.norm_const)
+            loss = loss + self.kl_coef * agg(kl_BR)
             metrics["kl_ref"] = token_mean(kl_BR)
         if entropy_BR is not None:
             if self.entropy_coef:
-                loss = loss - self.entropy_coef * aggregate(entropy_BR, mask, self.agg_mode, counts,
-                                                            norm_const=self.norm_const)
+                loss = loss - self.entropy_coef * agg(entropy_BR)
             metrics["entropy"] = token_mean(entropy_BR)
+        if self.nll_coef:
+            nll, share = positive_nll(logp_BR, mask, mb.scores, counts)
+            loss = loss + self.nll_coef * nll
+            metrics["positive_nll"] = nll.detach()
+            metrics["positive_frac"] = share
         return loss, metrics
+
+
+def positive_nll(logp_BR: torch.Tensor, mask_BR: torch.Tensor, scores_B: torch.Tensor,
+                 counts: GlobalCounts) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-mean NLL over the responses judged correct (score > 0.5), as this micro-batch's
+    share of the step, and the share of the step's tokens that are positive.
+
+    The denominator is the step's count of loss tokens (all responses), so the term's weight
+    grows with the fraction of correct answers, as an NLL added to a token-mean loss does."""
+    pos_BR = mask_BR.bool() & (scores_B > 0.5)[:, None]
+    nll = aggregate(-logp_BR, pos_BR, "token-mean", counts)
+    return nll, pos_BR.sum().double() / counts.tokens
+
+
+@dataclass(kw_only=True, slots=True)
+class ValueLoss:
+    """Clipped value loss 0.5 * agg(max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2))."""
+    clip: float | None = 0.2
+    """eps_v; None disables clipping."""
+    agg_mode: AggMode = "token-mean"
+
+    def __call__(self, values_BR: torch.Tensor, mb: Batch, counts: GlobalCounts
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        mask = loss_mask(mb)
+        err = (values_BR - mb.returns).square()
+        if self.clip is not None:
+            clipped = mb.values + (values_BR - mb.values).clamp(-self.clip, self.clip)
+            err_clipped = (clipped - mb.returns).square()
+            clipfrac = aggregate((err_clipped > err).float(), mask, "token-mean", counts)
+            err = torch.maximum(err, err_clipped)
+        else:
+            clipfrac = torch.zeros(())
+        loss = 0.5 * aggregate(err, mask, self.agg_mode, counts)
+        return loss, {"vf_loss": loss.detach(), "vf_clipfrac": clipfrac,
+                      "values": aggregate(values_BR.detach(), mask, "token-mean", counts)}
 
 
 @dataclass(kw_only=True, slots=True)
 class NLLLoss:
-    """Supervised negative log-likelihood of the response tokens (SFT; VAPO's positive NLL)."""
+    """Supervised negative log-likelihood of the response tokens (SFT)."""
     agg_mode: AggMode = "token-mean"
     needs_entropy: bool = False
 
     def __call__(self, logp_BR: torch.Tensor, entropy_BR: torch.Tensor | None, mb: Batch,
                  counts: GlobalCounts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss = aggregate(-logp_BR, mb.response_mask, self.agg_mode, counts)
+        loss = aggregate(-logp_BR, loss_mask(mb), self.agg_mode, counts)
         return loss, {"nll": loss.detach()}

@@ -58,7 +58,12 @@ declare_field("response_mask", shape="B,R", doc="1 on generated tokens (the stop
 declare_field("rollout_logp", shape="B,R", doc="log-prob of each sampled token under the engine")
 declare_field("old_logp", shape="B,R", doc="log-prob under the policy that sampled (recomputed by the actor)")
 declare_field("ref_logp", shape="B,R", doc="log-prob under the reference policy")
-declare_field("rewards", shape="B", doc="scalar reward per sequence")
+declare_field("scores", shape="B", doc="scorer output in [0, 1] per sequence (1 = correct)")
+declare_field("rewards", shape="B", doc="scalar reward per sequence after shaping")
+declare_field("loss_mask", shape="B,R", doc="tokens that enter the loss (response_mask minus filtered samples)")
+declare_field("values", shape="B,R", doc="critic value of the state before each response token")
+declare_field("returns", shape="B,R", doc="critic targets")
+declare_field("token_rewards", shape="B,R", doc="per-token reward (sequence reward on the last token, KL terms)")
 declare_field("advantages", shape="B,R", doc="per-token advantage")
 declare_field("group_ids", shape="B", doc="id of the prompt a sample answers; equal within a group")
 declare_field("ground_truth", shape="B", kind="meta", doc="reference answer for the scorer")
@@ -245,8 +250,15 @@ class GlobalCounts:
     """Sequences."""
 
 
+def loss_mask(batch: Batch) -> torch.Tensor:
+    """The tokens that enter losses: `loss_mask` when a node produced one, else response_mask."""
+    return batch.loss_mask if "loss_mask" in batch else batch.response_mask
+
+
 def global_counts(batch: Batch) -> GlobalCounts:
-    """Counts of this rank's share of an optimizer step, all-reduced over ranks (collective)."""
-    local = {"tokens": float(batch.response_mask.sum()), "seqs": float(len(batch))}
+    """Counts of this rank's share of an optimizer step, all-reduced over ranks (collective).
+    Sequences count only if they have a token in the loss."""
+    mask = loss_mask(batch)
+    local = {"tokens": float(mask.sum()), "seqs": float((mask.sum(-1) > 0).sum())}
     total = dist.all_reduce_scalars(local)
     return GlobalCounts(tokens=max(total["tokens"], 1.0), seqs=max(total["seqs"], 1.0))

@@ -6,7 +6,9 @@ either a role operation, written "role.method" (e.g. "actor.log_probs"), or a pl
 * A role operation is called as `method(batch.only(*inputs), **kwargs)`: it sees exactly the
   fields it declared, so an undeclared dependency fails loudly instead of working by accident.
 * A function is called as `fn(*(batch[field] for field in inputs), **kwargs)`: inputs are
-  positional, in declared order, so parameters may carry shape names (`rewards_B`).
+  positional, in declared order, so parameters may carry shape names (`rewards_B`). A function
+  that drives roles itself (a composite node) lists them in `needs`; they arrive as keyword
+  arguments, and the node takes the phase of the first role that has one.
 
 Either returns: None (no outputs); one value (one declared output); a tuple (several, in
 declared order); a dict {output: value}; a whole new `Batch` (a node such as generation that
@@ -20,6 +22,7 @@ phase (generate / train) so the device switches as rarely as possible.
 from __future__ import annotations
 
 import enum
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -64,6 +67,10 @@ class Node:
     outputs: tuple[str, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the op (configs, loss functions)."""
+    needs: tuple[str, ...] = ()
+    """Bound objects (roles, or "prompts" for the prompt stream) passed to a function op as
+    keyword arguments, for composite nodes such as DAPO's dynamic sampling."""
+    phase_override: Phase | None = None
 
     @property
     def role(self) -> str | None:
@@ -71,7 +78,12 @@ class Node:
 
     @property
     def phase(self) -> Phase:
-        return ROLE_PHASES.get(self.role, Phase.ANY) if self.role else Phase.ANY
+        if self.phase_override is not None:
+            return self.phase_override
+        for name in ((self.role,) if self.role else self.needs):
+            if ROLE_PHASES.get(name, Phase.ANY) is not Phase.ANY:
+                return ROLE_PHASES[name]
+        return Phase.ANY
 
     @property
     def op_name(self) -> str:
@@ -97,7 +109,8 @@ class Graph:
 
     def roles(self) -> set[str]:
         """The roles some node uses: the only ones the launcher builds."""
-        return {n.role for n in self.nodes if n.role}
+        used = {n.role for n in self.nodes if n.role}
+        return used | {r for n in self.nodes for r in n.needs if r in ROLE_PHASES}
 
     def validate(self, sources: Iterable[str]) -> None:
         """Raise GraphError unless every input is available when its node runs."""
@@ -156,7 +169,10 @@ class Graph:
                     raise GraphError(f"node {node.name!r}: role {role!r} has no operation {method!r}")
                 self._bound[node.name] = fn
             else:
-                self._bound[node.name] = node.op
+                missing = [r for r in node.needs if r not in roles]
+                if missing:
+                    raise GraphError(f"node {node.name!r} needs {missing}, which were not built")
+                self._bound[node.name] = functools.partial(node.op, **{r: roles[r] for r in node.needs})
         return self
 
     def run(self, batch: Batch, *, order: Sequence[Node],

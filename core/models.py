@@ -15,6 +15,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from core.batch import Batch, model_inputs
@@ -86,7 +87,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated transformer blocks, found through HF's `_no_split_modules` class names."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         raise ValueError(f"cannot find decoder layers in {type(model).__name__} "
@@ -105,30 +106,51 @@ def shard_model(model: torch.nn.Module, mesh: DeviceMesh, *,
     return model
 
 
+LOGIT_CHUNK_TOKENS = 1024
+"""Tokens whose float32 full-vocab logits are materialised at once (x vocab x 4 bytes)."""
+
+
 def token_logprobs(model: torch.nn.Module, batch: Batch, *, temperature: float = 1.0,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens under `model` with logits / temperature.
 
     Returns (logp_BR, entropy_BR or None), float32, aligned with batch.response_ids; 0 at
-    masked positions.
+    masked positions. The float32 log-softmax and entropy are computed LOGIT_CHUNK_TOKENS
+    tokens at a time under activation checkpointing, so a full [B, R, vocab] float32 tensor
+    never exists, in the forward or the backward pass.
     """
     ids, mask, pos = model_inputs(batch)
-    R = batch.response_ids.shape[1]
+    B, R = batch.response_ids.shape
     # Only the R positions that predict response tokens go through the LM head.
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
                    logits_to_keep=R + 1).logits[:, :-1]
-    logits_BRV = logits.float()
-    if temperature != 1.0:
-        logits_BRV = logits_BRV / temperature
-    lse_BR = torch.logsumexp(logits_BRV, dim=-1)
-    logp_BR = logits_BRV.gather(-1, batch.response_ids.unsqueeze(-1)).squeeze(-1) - lse_BR
-    mask = batch.response_mask.bool()
-    logp_BR = torch.where(mask, logp_BR, torch.zeros_like(logp_BR))
-    entropy_BR = None
-    if with_entropy:
-        entropy_BR = lse_BR - (logits_BRV.softmax(-1) * logits_BRV).sum(-1)
-        entropy_BR = torch.where(mask, entropy_BR, torch.zeros_like(entropy_BR))
+    logits_NV = logits.reshape(B * R, -1)
+    targets_N = batch.response_ids.reshape(-1)
+    parts = []
+    for i in range(0, B * R, LOGIT_CHUNK_TOKENS):
+        chunk = (logits_NV[i:i + LOGIT_CHUNK_TOKENS], targets_N[i:i + LOGIT_CHUNK_TOKENS])
+        if torch.is_grad_enabled() and logits_NV.requires_grad:
+            parts.append(checkpoint(_logp_entropy, *chunk, temperature, with_entropy, use_reentrant=False))
+        else:
+            parts.append(_logp_entropy(*chunk, temperature, with_entropy))
+    out_N2 = torch.cat(parts, dim=0)
+    keep = batch.response_mask.bool()
+    zero = torch.zeros((), dtype=out_N2.dtype, device=out_N2.device)
+    logp_BR = torch.where(keep, out_N2[:, 0].reshape(B, R), zero)
+    entropy_BR = torch.where(keep, out_N2[:, 1].reshape(B, R), zero) if with_entropy else None
     return logp_BR, entropy_BR
+
+
+def _logp_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor, temperature: float,
+                  with_entropy: bool) -> torch.Tensor:
+    """[N, 2]: log softmax(z)[target] and the entropy of softmax(z), z = logits / T in float32."""
+    z = logits_NV.float()
+    if temperature != 1.0:
+        z = z / temperature
+    lse_N = torch.logsumexp(z, dim=-1)
+    logp_N = z.gather(-1, targets_N[:, None])[:, 0] - lse_N
+    ent_N = lse_N - (z.softmax(-1) * z).sum(-1) if with_entropy else torch.zeros_like(lse_N)
+    return torch.stack([logp_N, ent_N], dim=-1)
 
 
 def pad_columns(t: torch.Tensor, width: int, value: float = 0.0) -> torch.Tensor:

@@ -1,0 +1,55 @@
+"""Reward shaping: from scorer output (`scores`, 1 = correct) to the `rewards` an algorithm
+trains on. Each term is logged apart (`reward/correctness`, `reward/overlong`,
+`reward/exploration`) so shaping never hides how often the model is right.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from core.graph import Result
+
+
+@dataclass(kw_only=True, slots=True)
+class RewardShaping:
+    correct: float = 1.0
+    """Reward for score 1; a score s in [0, 1] maps to wrong + s * (correct - wrong)."""
+    wrong: float = 0.0
+    truncated: float | None = None
+    """Reward of a response cut by the length budget, whatever its score (ORZ: 0); None: as scored."""
+    overlong_buffer_frac: float = 0.0
+    """DAPO soft overlong punishment: buffer L_cache as a fraction of max_new_tokens (0 = off)."""
+    overlong_penalty: float = 1.0
+    """Scale of the soft overlong punishment (-penalty at L_max)."""
+    exploration_coef: float = 0.0
+    """RLSP exploration term: + coef * response length / max_new_tokens."""
+
+
+def overlong_punishment(lengths_B: torch.Tensor, *, max_len: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment: 0 if len <= L_max - L_cache; ((L_max - L_cache) - len) /
+    L_cache inside the buffer; -1 past L_max."""
+    lengths = lengths_B.double()
+    if buffer <= 0:
+        return torch.zeros_like(lengths)
+    start = max_len - buffer
+    inside = (start - lengths) / buffer
+    out = torch.where(lengths <= start, torch.zeros_like(lengths), inside)
+    return torch.where(lengths > max_len, torch.full_like(lengths, -1.0), out)
+
+
+def shape_rewards(scores_B: torch.Tensor, response_mask_BR: torch.Tensor, finish_reason: list[str],
+                  *, cfg: RewardShaping, max_len: int) -> Result:
+    """rewards [B] float32 from scores and lengths, with each term as a metric."""
+    lengths_B = response_mask_BR.sum(-1)
+    base = cfg.wrong + scores_B.double() * (cfg.correct - cfg.wrong)
+    if cfg.truncated is not None:
+        cut = torch.tensor([r == "length" for r in finish_reason], device=base.device)
+        base = torch.where(cut, torch.full_like(base, cfg.truncated), base)
+    overlong = cfg.overlong_penalty * overlong_punishment(
+        lengths_B, max_len=max_len, buffer=round(cfg.overlong_buffer_frac * max_len))
+    explore = cfg.exploration_coef * lengths_B.double() / max_len
+    rewards = (base + overlong + explore).float()
+    return Result(rewards, metrics={"reward/correctness": float(scores_B.double().mean()),
+                                    "reward/overlong": float(overlong.mean()),
+                                    "reward/exploration": float(explore.mean())})

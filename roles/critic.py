@@ -1,0 +1,94 @@
+"""The critic: an LM backbone with a scalar value head, sharded with FSDP2, its own optimizer.
+
+`values(batch)` gives V(s_t) for every response token t: the head's output at the position
+before t (the state from which t is generated), the same positions whose logits the actor
+uses. `update(batch, loss)` fits them to `returns` with the clipped value loss (core/optim.py
+runs the loop and defines the loss scaling contract).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from algorithms.losses import ValueLoss
+from core import dist
+from core.batch import Batch, GlobalCounts, loss_mask, model_inputs
+from core.graph import Result
+from core.models import pad_columns
+from core.optim import OptimConfig, TrainState
+
+
+class ValueModel(nn.Module):
+    """A causal LM's backbone (its LM head dropped) and a linear head to one scalar per token."""
+
+    def __init__(self, causal_lm: nn.Module, *, head_init_std: float, seed: int) -> None:
+        super().__init__()
+        self.backbone = causal_lm.base_model
+        self.config = causal_lm.config
+        self.head = nn.Linear(causal_lm.config.hidden_size, 1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            nn.init.normal_(self.head.weight, std=head_init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+
+def response_values(model: ValueModel, batch: Batch) -> torch.Tensor:
+    """[B, R]: V(s_t) for each response token t, 0 at masked positions."""
+    ids, mask, pos = model_inputs(batch)
+    P = batch.prompt_ids.shape[1]
+    v_BT = model(ids, mask, pos)
+    values_BR = v_BT[:, P - 1:-1]
+    return torch.where(batch.response_mask.bool(), values_BR, torch.zeros_like(values_BR))
+
+
+class Critic:
+    @dataclass(kw_only=True, slots=True)
+    class Config(OptimConfig):
+        lr: float = 5e-6
+        model_path: str | None = None
+        """Local folder for the critic's backbone; None: the policy's model."""
+        head_init_std: float = 0.0
+        """Std of the value head's initial weights (0: the critic starts at V = 0)."""
+
+    def __init__(self, cfg: Config, model: ValueModel, *, total_steps: int) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.train_state = TrainState(model, cfg, total_steps=total_steps)
+
+    @torch.no_grad()
+    def values(self, batch: Batch) -> torch.Tensor:
+        self.model.eval()
+        R = batch.response_ids.shape[1]
+        return torch.cat([pad_columns(response_values(self.model, mb), R)
+                          for mb in batch.split(self.cfg.micro_batch_size)], dim=0)
+
+    def update(self, batch: Batch, *, loss: ValueLoss) -> Result:
+        ev = explained_variance(batch.returns, batch.values, loss_mask(batch))
+
+        def micro(mb: Batch, counts: GlobalCounts):
+            return loss(response_values(self.model, mb), mb, counts)
+
+        metrics = self.train_state.update(batch, micro)
+        out = {f"critic/{k}": v for k, v in metrics.items()}
+        out["critic/explained_variance"] = ev
+        return Result(metrics=out)
+
+
+def explained_variance(returns_BR: torch.Tensor, values_BR: torch.Tensor, mask_BR: torch.Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over the masked tokens of all ranks (collective)."""
+    m = mask_BR.bool()
+    r, d = returns_BR[m].double(), (returns_BR - values_BR)[m].double()
+    s = dist.all_reduce_scalars({"n": float(m.sum()), "r": float(r.sum()), "r2": float(r.square().sum()),
+                                 "d": float(d.sum()), "d2": float(d.square().sum())})
+    n = max(s["n"], 1.0)
+    var_r = s["r2"] / n - (s["r"] / n) ** 2
+    var_d = s["d2"] / n - (s["d"] / n) ** 2
+    return 1.0 - var_d / var_r if var_r > 1e-12 else 0.0
