@@ -71,6 +71,10 @@ class Node:
     """Bound objects (roles, or "prompts" for the prompt stream) passed to a function op as
     keyword arguments, for composite nodes such as DAPO's dynamic sampling."""
     phase_override: Phase | None = None
+    batch_in: bool = False
+    """Pass a function op `batch.only(*inputs)` instead of the fields (composite nodes)."""
+    after: tuple[str, ...] = ()
+    """Nodes that must run first although no field connects them (e.g. after an update)."""
 
     @property
     def role(self) -> str | None:
@@ -126,7 +130,11 @@ class Graph:
                     raise GraphError(f"field {out!r} is written by node {node.name!r} and by {first}; "
                                      f"each field has one producer")
                 producer[out] = node.name
+        names = {n.name for n in self.nodes}
         for node in self.nodes:
+            for a in node.after:
+                if a not in names:
+                    raise GraphError(f"node {node.name!r} runs after {a!r}, which is not a node")
             for inp in node.inputs:
                 if inp not in producer and inp not in sources:
                     raise GraphError(
@@ -140,10 +148,12 @@ class Graph:
         pending = list(self.nodes)
         produced_later = {o for n in self.nodes for o in n.outputs}
         ordered: list[Node] = []
+        done: set[str] = set()
         phase = None
         while pending:
             ready = [n for n in pending
-                     if all(i in available or i not in produced_later for i in n.inputs)]
+                     if all(i in available or i not in produced_later for i in n.inputs)
+                     and all(a in done for a in n.after)]
             if not ready:
                 raise GraphError(f"graph {self.name!r} has a cycle among "
                                  f"{[n.name for n in pending]}")
@@ -152,6 +162,7 @@ class Graph:
             if node.phase is not Phase.ANY:
                 phase = node.phase
             ordered.append(node)
+            done.add(node.name)
             pending.remove(node)
             available.update(node.outputs)
             produced_later = {o for n in pending for o in n.outputs}
@@ -194,7 +205,7 @@ class Graph:
 
     def _call(self, node: Node, batch: Batch) -> Any:
         fn = self._bound[node.name]
-        if node.role:
+        if node.role or node.batch_in:
             return fn(batch.only(*node.inputs), **node.kwargs)
         return fn(*(batch[f] for f in node.inputs), **node.kwargs)
 
@@ -211,7 +222,11 @@ class Graph:
         lines = ["flowchart TD", '  data[("data loader")]']
         for node in self.nodes:
             lines.append(f'  {node.name}["{node.name}<br/>{node.op_name}<br/>({node.phase.value})"]')
+        names = {n.name for n in self.nodes}
         for node in self.nodes:
+            for a in node.after:
+                if a not in names:
+                    raise GraphError(f"node {node.name!r} runs after {a!r}, which is not a node")
             for inp in node.inputs:
                 src = producer.get(inp, "data" if inp in sources else None)
                 if src:
@@ -244,3 +259,30 @@ def _merge(node: Node, batch: Batch, out: Any) -> Batch:
     if set(values) != set(node.outputs):
         raise GraphError(f"node {node.name!r} returned {sorted(values)}, declared {list(node.outputs)}")
     return batch.with_fields(**values) if values else batch
+
+
+@dataclass(slots=True)
+class Stage:
+    """A graph run for a number of steps before the training graph (e.g. VAPO's value
+    pre-training), until max_steps or until `stop(history)` says so."""
+    name: str
+    graph: Graph
+    max_steps: int
+    stop: Callable[[list[dict[str, float]]], bool] | None = None
+
+
+@dataclass(slots=True)
+class Plan:
+    """What an algorithm runs: optional stages, then the training graph for run.steps steps."""
+    train: Graph
+    stages: list[Stage] = field(default_factory=list)
+
+    def graphs(self) -> list[Graph]:
+        return [s.graph for s in self.stages] + [self.train]
+
+    def roles(self) -> set[str]:
+        return set().union(*(g.roles() for g in self.graphs()))
+
+
+def as_plan(built: Graph | Plan) -> Plan:
+    return built if isinstance(built, Plan) else Plan(train=built)

@@ -6,6 +6,7 @@ device between them. This is the one place that decides where things live.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -16,12 +17,13 @@ import algorithms  # noqa: F401  (registers the built-in algorithms)
 from algorithms.base import get_algorithm
 from core import dist
 from core.data import PROMPT_FIELDS, PromptDataset, PromptStream, read_jsonl
-from core.graph import Graph, Node
+from core.graph import Graph, Plan, as_plan
 from core.hybrid import HybridEngine
 from core.models import build_model, dtype_of, load_tokenizer, shard_model
 from core.tasks import Task, build_task, char_tokenizer
 from launch.config import JobConfig
 from roles.actor import Actor
+from roles.critic import Critic, ValueModel
 from roles.reference import Reference
 from roles.reward import Reward
 from roles.rollout import Rollout
@@ -34,28 +36,29 @@ class Job:
     cfg: JobConfig
     tokenizer: Any
     task: Task
-    graph: Graph
-    order: list[Node]
+    plan: Plan
     roles: dict[str, Any]
     hybrid: HybridEngine
     stream: PromptStream
 
+    @property
+    def graph(self) -> Graph:
+        return self.plan.train
 
-def build_graph(cfg: JobConfig) -> Graph:
-    graph = get_algorithm(cfg.algorithm.name)(cfg)
-    graph.validate(PROMPT_FIELDS)
-    return graph
+
+def build_plan(cfg: JobConfig) -> Plan:
+    """The algorithm's stages and training graph, each validated before anything is built."""
+    plan = as_plan(get_algorithm(cfg.algorithm.name)(cfg))
+    for graph in plan.graphs():
+        graph.validate(PROMPT_FIELDS)
+    return plan
 
 
 def build_job(cfg: JobConfig) -> Job:
     info = dist.info()
-    graph = build_graph(cfg)
+    plan = build_plan(cfg)
     tokenizer = load_tokenizer(cfg.model) or char_tokenizer()
     task = load_prompts(cfg, tokenizer)
-    roles = build_roles(cfg, graph.roles(), tokenizer)
-    graph.bind(roles)
-    hybrid = HybridEngine(cfg.hybrid, actor=roles["actor"], rollout=roles["rollout"],
-                          engine_dtype=dtype_of(cfg.rollout.dtype), device=info.device)
     if cfg.data.prompts_per_step % info.world_size:
         raise ValueError(f"data.prompts_per_step={cfg.data.prompts_per_step} is not divisible by "
                          f"the world size {info.world_size}")
@@ -63,7 +66,22 @@ def build_job(cfg: JobConfig) -> Job:
     stream = PromptStream(dataset, batch_size=cfg.data.prompts_per_step // info.world_size,
                           rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
                           pad_id=tokenizer.pad_token_id, shuffle=cfg.data.shuffle)
-    return Job(cfg, tokenizer, task, graph, graph.order(PROMPT_FIELDS), roles, hybrid, stream)
+    roles = build_roles(cfg, plan.roles(), tokenizer)
+    for graph in plan.graphs():
+        graph.bind({**roles, "prompts": stream})
+    hybrid = HybridEngine(cfg.hybrid, actor=roles["actor"], rollout=roles["rollout"],
+                          engine_dtype=dtype_of(cfg.rollout.dtype), device=info.device)
+    return Job(cfg, tokenizer, task, plan, roles, hybrid, stream)
+
+
+def value_model(cfg: JobConfig, vocab: int) -> ValueModel:
+    """The critic: the policy's (or critic.model_path's) backbone plus a value head, FSDP2-sharded."""
+    source = dataclasses.replace(cfg.model, path=cfg.critic.model_path) if cfg.critic.model_path else cfg.model
+    model = ValueModel(build_model(source, vocab_size=vocab, seed=cfg.run.seed),
+                       head_init_std=cfg.critic.head_init_std, seed=cfg.run.seed)
+    param_dtype = dtype_of(cfg.critic.param_dtype)
+    model = shard_model(model, dist.mesh(), param_dtype=None if param_dtype == torch.float32 else param_dtype)
+    return model.to(dist.info().device)
 
 
 def load_prompts(cfg: JobConfig, tokenizer) -> Task:
@@ -80,7 +98,7 @@ def build_roles(cfg: JobConfig, used: set[str], tokenizer) -> dict[str, Any]:
     """The actor, rollout and reward always (training, syncing, evaluating need them); the
     reference and any other role only when a node uses it."""
     info = dist.info()
-    known = {"actor", "rollout", "reward", "reference"}
+    known = {"actor", "rollout", "reward", "reference", "critic"}
     if used - known:
         raise ValueError(f"the graph uses roles {sorted(used - known)}, which this build cannot "
                          f"place (known: {sorted(known)})")
@@ -104,5 +122,7 @@ def build_roles(cfg: JobConfig, used: set[str], tokenizer) -> dict[str, Any]:
     }
     if "reference" in used:
         roles["reference"] = Reference(cfg.reference, policy(), temperature=temperature)
+    if "critic" in used:
+        roles["critic"] = Critic(cfg.critic, value_model(cfg, vocab), total_steps=cfg.run.steps)
     logger.info("built roles: %s", ", ".join(sorted(roles)))
     return roles

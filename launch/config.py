@@ -8,12 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from algorithms.base import AlgorithmConfig
+from algorithms.config import AlgorithmConfig
 from core.data import PromptFormat
 from core.hybrid import HybridConfig
 from core.models import ModelConfig
 from core.tasks import TaskConfig
 from roles.actor import Actor
+from roles.critic import Critic
 from roles.reference import Reference
 from roles.reward import Reward
 from roles.rollout import Rollout
@@ -64,7 +65,10 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     actor: Actor.Config = field(default_factory=Actor.Config)
+    critic: Critic.Config = field(default_factory=Critic.Config)
+    """Built only by algorithms with a critic (ppo, orz, vapo)."""
     reference: Reference.Config = field(default_factory=Reference.Config)
+    """Built only when a KL term needs it."""
     rollout: Rollout.Config = field(default_factory=Rollout.Config)
     reward: Reward.Config = field(default_factory=Reward.Config)
     hybrid: HybridConfig = field(default_factory=HybridConfig)

@@ -17,7 +17,7 @@ from core.batch import Batch
 from core.config import to_yaml
 from core.data import PROMPT_FIELDS
 from core.evaluate import evaluate
-from core.graph import Phase
+from core.graph import Graph, Phase, Stage
 from launch.build import Job, build_job
 from launch.config import JobConfig
 from launch.entry import run_entry
@@ -47,6 +47,7 @@ class Trainer:
         self.cfg = job.cfg
         self.out = Path(self.cfg.run.output_dir)
         self.history: list[dict[str, float]] = []
+        self.orders = {g.name: g.order(PROMPT_FIELDS) for g in job.plan.graphs()}
 
     def run_eval(self) -> dict[str, float]:
         j = self.job
@@ -59,11 +60,11 @@ class Trainer:
         m["timing_s/eval"] = time.perf_counter() - t0
         return m
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self, graph: Graph) -> dict[str, float]:
         j = self.job
         t0 = time.perf_counter()
         prompts = next(j.stream).to(dist.info().device)
-        batch, step = j.graph.run(prompts, order=j.order, enter_phase=j.hybrid.enter)
+        batch, step = graph.run(prompts, order=self.orders[graph.name], enter_phase=j.hybrid.enter)
         world = dist.info().world_size
         metrics = {k: v / world for k, v in dist.all_reduce_scalars(step.metrics).items()}
         metrics.update(dist.all_reduce_scalars(step.counts))
@@ -73,14 +74,26 @@ class Trainer:
         metrics["data/epoch"] = float(j.stream.epoch)
         return metrics
 
+    def run_stage(self, stage: Stage) -> None:
+        """A stage before training (e.g. value pre-training): rows with "stage" and "stage_step"."""
+        history: list[dict[str, float]] = []
+        for k in range(1, stage.max_steps + 1):
+            history.append(self.train_step(stage.graph))
+            self._record(0, {"stage": stage.name, "stage_step": k, **history[-1]})
+            if stage.stop is not None and stage.stop(history):
+                logger.info("stage %s stopped after %d steps (stop rule met)", stage.name, k)
+                break
+
     def fit(self) -> list[dict[str, float]]:
-        cfg = self.cfg
+        cfg, plan = self.cfg, self.job.plan
         self._write_run_files()
         self.job.hybrid.sync_weights(force=True)  # the engine starts from the actor's weights
         t_start = time.perf_counter()
         self._record(0, self.run_eval())
+        for stage in plan.stages:
+            self.run_stage(stage)
         for step in range(1, cfg.run.steps + 1):
-            metrics = self.train_step()
+            metrics = self.train_step(plan.train)
             if step == cfg.run.steps or (cfg.eval.every and step % cfg.eval.every == 0):
                 metrics.update(self.run_eval())
             metrics["timing_s/elapsed"] = time.perf_counter() - t_start
@@ -94,11 +107,13 @@ class Trainer:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
-            (self.out / "graph.mmd").write_text(self.job.graph.to_mermaid(PROMPT_FIELDS) + "\n")
+            (self.out / "graph.mmd").write_text("\n\n".join(
+                g.to_mermaid(PROMPT_FIELDS) for g in self.job.plan.graphs()) + "\n")
             (self.out / "metrics.jsonl").write_text("")
         except OSError as e:
             raise OSError(f"cannot write to run.output_dir {str(self.out)!r}: {e}") from e
-        logger.info("%s", self.job.graph.to_text(PROMPT_FIELDS))
+        for graph in self.job.plan.graphs():
+            logger.info("%s", graph.to_text(PROMPT_FIELDS))
 
     def _record(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **metrics}
@@ -110,16 +125,18 @@ class Trainer:
         logger.info("%s", console_line(row, self.cfg.run.steps))
 
     def _summary(self, seconds: float) -> None:
-        evals = [r["eval/accuracy"] for r in self.history if "eval/accuracy" in r]
+        evals = [r["eval/accuracy"] for r in self.history if "eval/accuracy" in r and "stage" not in r]
         logger.info("done: %d steps in %.0f s; eval/accuracy %.3f -> %.3f (%+.3f)",
                     self.cfg.run.steps, seconds, evals[0], evals[-1], evals[-1] - evals[0])
 
 
 def console_line(row: dict[str, float], total: int) -> str:
-    parts = [f"step {row['step']}/{total}"]
+    parts = ([f"{row['stage']} {row['stage_step']}"] if "stage" in row else [f"step {row['step']}/{total}"])
     for key, label, fmt in [("reward/mean", "reward", ".3f"), ("eval/accuracy", "eval/acc", ".3f"),
                             ("response_length/mean", "len", ".1f"), ("actor/pg_loss", "pg_loss", ".4f"),
                             ("actor/entropy", "entropy", ".3f"), ("actor/grad_norm", "grad", ".3f"),
+                            ("critic/vf_loss", "vf_loss", ".4f"), ("critic/explained_variance", "ev", ".3f"),
+                            ("dynamic_sampling/rounds", "gen rounds", ".0f"),
                             ("reshard/gbps", "sync GB/s", ".2f"), ("timing_s/step", "s/step", ".2f")]:
         if key in row:
             parts.append(f"{label} {row[key]:{fmt}}")

@@ -1,7 +1,13 @@
-"""The reference policy: a frozen FSDP2 copy of the initial actor, for KL terms."""
+"""The reference policy: an FSDP2 copy of the initial actor, for KL terms.
+
+By default it stays fixed. As T1's *dynamic anchor* it can follow the actor: reset to it every
+`anchor_every` steps, or move toward it as an exponential moving average after every step.
+Both copy local shards (actor and reference are sharded alike), so no communication is needed.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
@@ -14,14 +20,42 @@ class Reference:
     class Config:
         micro_batch_size: int = 16
         """Samples per forward on each rank."""
+        anchor: Literal["fixed", "reset", "ema"] = "fixed"
+        """fixed: the initial policy; reset: copy the actor every anchor_every steps; ema:
+        ref <- decay * ref + (1 - decay) * actor after every step."""
+        anchor_every: int = 100
+        ema_decay: float = 0.99
 
     def __init__(self, cfg: Config, model: torch.nn.Module, *, temperature: float = 1.0) -> None:
         self.cfg = cfg
         self.model = model.eval().requires_grad_(False)
         self.temperature = temperature
+        self.steps = 0
+        self.resets = 0
 
     @torch.no_grad()
     def log_probs(self, batch: Batch) -> torch.Tensor:
         """Log-probs [B, R] of the response tokens under the reference policy."""
         return batched_logprobs(self.model, batch, micro_batch_size=self.cfg.micro_batch_size,
                                 temperature=self.temperature)
+
+    @torch.no_grad()
+    def follow(self, actor: Any) -> None:
+        """One training step passed: apply the anchor rule."""
+        self.steps += 1
+        if self.cfg.anchor == "reset" and self.steps % self.cfg.anchor_every == 0:
+            self._blend(actor.model, 1.0)
+            self.resets += 1
+        elif self.cfg.anchor == "ema":
+            self._blend(actor.model, 1.0 - self.cfg.ema_decay)
+
+    def _blend(self, source: torch.nn.Module, weight: float) -> None:
+        for (name, mine), (other_name, theirs) in zip(self.model.named_parameters(),
+                                                       source.named_parameters()):
+            assert name == other_name, (name, other_name)
+            local, src = _local(mine), _local(theirs).to(_local(mine).dtype)
+            local.copy_(src) if weight == 1.0 else local.lerp_(src, weight)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -98,7 +98,7 @@ def _built_roles(overrides: list[str]) -> list[str]:
 def test_only_roles_the_graph_uses_are_built():
     small = ["data.task.train_size=500", "data.task.eval_size=10"]
     assert run_distributed(_built_roles, small, world_size=1)[0] == ["actor", "reward", "rollout"]
-    assert run_distributed(_built_roles, small + ["algorithm.kl_coef=0.01"], world_size=1)[0] == \
+    assert run_distributed(_built_roles, small + ["algorithm.grpo.loss.kl_coef=0.01"], world_size=1)[0] == \
         ["actor", "reference", "reward", "rollout"]
 
 
@@ -120,8 +120,8 @@ def test_every_shipped_config_loads(path):
     from core.config import load_config
     from launch.config import JobConfig
     from launch.sft import SFTConfig
-    from launch.build import build_graph
+    from launch.build import build_plan
     schema = SFTConfig if "sft" in Path(path).name else JobConfig
     cfg = load_config(schema, ROOT / path)
     if schema is JobConfig:
-        build_graph(cfg)  # the algorithm exists and its graph validates
+        build_plan(cfg)  # the algorithm exists and its graphs validate
