@@ -155,6 +155,16 @@ class PromptStream:
         self.loader.load_state_dict(state["loader"])
         self._it = None
 
+    def position(self) -> tuple[int, int]:
+        """(epoch, samples this rank consumed in it): the world-size independent part of the state."""
+        return self.sampler.epoch, self.sampler.state_dict()["yielded"]
+
+    def seek(self, epoch: int, samples_consumed_per_rank: int) -> None:
+        """Continue at `epoch` after skipping that many of this rank's samples (used when a
+        checkpoint of another world size is resumed; a same-size resume uses load_state_dict)."""
+        self.sampler.load_state_dict({"epoch": epoch, "yielded": samples_consumed_per_rank})
+        self._it = None
+
 
 def shard_rows(rows: Sequence[Any], rank: int, world_size: int) -> list[Any]:
     """Every world_size-th row starting at rank (for evaluation; may differ by one per rank)."""

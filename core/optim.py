@@ -16,12 +16,13 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
 from core import dist
 from core.batch import Batch, GlobalCounts, global_counts
+from core.checkpoint import ShardedState
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ class OptimConfig:
     """Passes over the step's samples (PPO epochs)."""
     param_dtype: str = "float32"
     """FSDP2 compute dtype (bfloat16 on GPU); master weights stay float32."""
+    max_bad_steps: int = 5
+    """Stop the run after this many optimizer steps in a row with a non-finite loss or gradient."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive updates had a non-finite gradient norm."""
 
 
 class TrainState:
@@ -61,6 +68,18 @@ class TrainState:
         self.version = 0
         """Optimizer steps taken."""
         self.skipped_steps = 0
+        self.bad_in_a_row = 0
+
+    def sharded_state(self) -> ShardedState:
+        return ShardedState(self.model, self.optimizer)
+
+    def local_state(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict(), "version": self.version,
+                "skipped_steps": self.skipped_steps}
+
+    def load_local_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.version, self.skipped_steps = state["version"], state["skipped_steps"]
 
     def update(self, batch: Batch, micro_loss: MicroLoss) -> dict[str, float]:
         """All optimizer steps of one training step; metrics averaged over them."""
@@ -102,13 +121,21 @@ class TrainState:
         if math.isfinite(norm):
             self.optimizer.step()
             self.version += 1
+            self.bad_in_a_row = 0
         else:
-            # Every rank sees the same global norm, so every rank skips together.
+            # A NaN/inf loss makes the norm non-finite too. Every rank sees the same global
+            # norm, so every rank skips together.
             self.skipped_steps += 1
-            logger.warning("non-finite gradient norm (%s): update skipped", norm)
+            self.bad_in_a_row += 1
+            logger.warning("non-finite gradient norm (%s): update skipped (%d in a row)", norm,
+                           self.bad_in_a_row)
+            if self.bad_in_a_row >= self.cfg.max_bad_steps:
+                raise NonFiniteError(f"{self.bad_in_a_row} optimizer steps in a row had a non-finite "
+                                     f"loss or gradient norm; stopping (max_bad_steps="
+                                     f"{self.cfg.max_bad_steps})")
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return norm if math.isfinite(norm) else 0.0
+        return norm if math.isfinite(norm) else float("nan")
 
 
 def split_even(batch: Batch, parts: int) -> list[Batch]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from algorithms.config import AlgorithmConfig
+from core.checkpoint import CheckpointConfig
 from core.data import PromptFormat
 from core.hybrid import HybridConfig
 from core.models import ModelConfig
@@ -27,6 +28,12 @@ class RunConfig:
     steps: int = 100
     """Training steps (one graph execution each)."""
     seed: int = 0
+    stop_after: int | None = None
+    """End this run after this step, with a checkpoint (job time limits; a later run resumes);
+    the schedule still spans run.steps."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir, if any; never; or a
+    checkpoint folder (output_dir/checkpoints/step_NNNNNN)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
 
@@ -72,4 +79,5 @@ class JobConfig:
     rollout: Rollout.Config = field(default_factory=Rollout.Config)
     reward: Reward.Config = field(default_factory=Reward.Config)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

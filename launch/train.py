@@ -14,13 +14,17 @@ from typing import Sequence
 
 from core import dist
 from core.batch import Batch
+from core.checkpoint import Checkpointer
 from core.config import to_yaml
 from core.data import PROMPT_FIELDS
 from core.evaluate import evaluate
 from core.graph import Graph, Phase, Stage
+from core.models import save_hf_folder
+from core.optim import NonFiniteError
 from launch.build import Job, build_job
 from launch.config import JobConfig
 from launch.entry import run_entry
+from launch.state import load_local_state, local_state, sharded_state
 
 logger = logging.getLogger("launch.train")
 
@@ -48,6 +52,7 @@ class Trainer:
         self.out = Path(self.cfg.run.output_dir)
         self.history: list[dict[str, float]] = []
         self.orders = {g.name: g.order(PROMPT_FIELDS) for g in job.plan.graphs()}
+        self.checkpointer = Checkpointer(self.cfg.checkpoint, self.out)
 
     def run_eval(self) -> dict[str, float]:
         j = self.job
@@ -86,22 +91,53 @@ class Trainer:
 
     def fit(self) -> list[dict[str, float]]:
         cfg, plan = self.cfg, self.job.plan
-        self._write_run_files()
-        self.job.hybrid.sync_weights(force=True)  # the engine starts from the actor's weights
         t_start = time.perf_counter()
-        self._record(0, self.run_eval())
-        for stage in plan.stages:
-            self.run_stage(stage)
-        for step in range(1, cfg.run.steps + 1):
-            metrics = self.train_step(plan.train)
-            if step == cfg.run.steps or (cfg.eval.every and step % cfg.eval.every == 0):
-                metrics.update(self.run_eval())
-            metrics["timing_s/elapsed"] = time.perf_counter() - t_start
-            self._record(step, metrics)
+        start = self._start()
+        try:
+            for step in range(start + 1, cfg.run.steps + 1):
+                metrics = self.train_step(plan.train)
+                if step == cfg.run.steps or (cfg.eval.every and step % cfg.eval.every == 0):
+                    metrics.update(self.run_eval())
+                metrics["timing_s/elapsed"] = time.perf_counter() - t_start
+                self._record(step, metrics)
+                last = step == cfg.run.steps or step == cfg.run.stop_after
+                if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                    self.save(step)
+                if step == cfg.run.stop_after:
+                    logger.info("stopping after step %d (run.stop_after); resume to continue", step)
+                    return self.history
+        except NonFiniteError as e:
+            latest = self.checkpointer.complete()
+            raise NonFiniteError(f"{e}; the last good checkpoint is "
+                                 f"{latest[-1] if latest else '(none yet)'}") from None
+        if cfg.checkpoint.export_hf:
+            save_hf_folder(self.job.roles["actor"].model, self.job.tokenizer, self.out / "hf",
+                           is_main=dist.info().is_main)
         self._summary(time.perf_counter() - t_start)
         return self.history
 
-    def _write_run_files(self) -> None:
+    def _start(self) -> int:
+        """Resume from a checkpoint (returns its step), or start fresh: evaluate the initial
+        policy (step 0) and run the algorithm's stages (returns 0)."""
+        path = self.checkpointer.resolve(self.cfg.run.resume)
+        self._prepare_output(resuming=path is not None)
+        if path is not None:
+            local, meta = self.checkpointer.load(path, sharded=sharded_state(self.job))
+            load_local_state(self.job, local)
+            self.job.hybrid.sync_weights(force=True)
+            self._keep_rows_up_to(meta["step"])
+            return meta["step"]
+        self.job.hybrid.sync_weights(force=True)  # the engine starts from the actor's weights
+        self._record(0, self.run_eval())
+        for stage in self.job.plan.stages:
+            self.run_stage(stage)
+        return 0
+
+    def save(self, step: int) -> None:
+        self.checkpointer.save(step, sharded=sharded_state(self.job), local=local_state(self.job),
+                               meta={"config": to_yaml(self.cfg)})
+
+    def _prepare_output(self, *, resuming: bool) -> None:
         if not dist.info().is_main:
             return
         try:
@@ -109,11 +145,21 @@ class Trainer:
             (self.out / "config.yaml").write_text(to_yaml(self.cfg))
             (self.out / "graph.mmd").write_text("\n\n".join(
                 g.to_mermaid(PROMPT_FIELDS) for g in self.job.plan.graphs()) + "\n")
-            (self.out / "metrics.jsonl").write_text("")
+            if not resuming:
+                (self.out / "metrics.jsonl").write_text("")
         except OSError as e:
             raise OSError(f"cannot write to run.output_dir {str(self.out)!r}: {e}") from e
         for graph in self.job.plan.graphs():
             logger.info("%s", graph.to_text(PROMPT_FIELDS))
+
+    def _keep_rows_up_to(self, step: int) -> None:
+        """After a resume, drop rows logged past the checkpoint (they will be redone)."""
+        if not dist.info().is_main:
+            return
+        path = self.out / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        self.history = [r for r in rows if r["step"] <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
 
     def _record(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **metrics}
@@ -126,6 +172,8 @@ class Trainer:
 
     def _summary(self, seconds: float) -> None:
         evals = [r["eval/accuracy"] for r in self.history if "eval/accuracy" in r and "stage" not in r]
+        if not evals:
+            return
         logger.info("done: %d steps in %.0f s; eval/accuracy %.3f -> %.3f (%+.3f)",
                     self.cfg.run.steps, seconds, evals[0], evals[-1], evals[-1] - evals[0])
 

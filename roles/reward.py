@@ -12,6 +12,7 @@ import torch
 
 from core.batch import Batch
 from core.graph import Result
+import roles.sandbox  # noqa: F401  (registers the "code" scorer)
 from roles.scorers import get_scorer, register_scorer, scorer_names  # noqa: F401  (public API)
 
 logger = logging.getLogger(__name__)

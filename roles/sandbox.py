@@ -52,6 +52,7 @@ import os
 import re
 import resource
 import runpy
+import secrets
 import select
 import shutil
 import signal
@@ -73,20 +74,22 @@ SANDBOX_UID = 65534
 SANDBOX_GID = 65534
 """gid the program runs as when the caller is root (``nogroup``)."""
 FALLBACK_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")
-"""Interpreters tried, in order, when ``SandboxConfig.python`` is not executable by the sandbox uid."""
+"""Interpreters tried in order when ``SandboxConfig.python`` is not executable by the sandbox."""
 PROGRAM_NAME = "main.py"
 
 # New network, PID and mount namespaces; --fork makes the launcher PID 1 of the PID namespace and
 # --kill-child kills it (and with it the namespace) if the unshare process is killed.
 _NAMESPACES = ("--net", "--pid", "--mount", "--fork", "--kill-child")
-# Without root: the same inside a user namespace, mapping only the caller's own uid.
-_USER_NAMESPACES = ("--user", "--map-current-user", *_NAMESPACES)
+# Without root: the same inside a user namespace that maps only the caller's own uid; --keep-caps
+# keeps the namespace's capabilities (ambient) across exec so that the launcher can mount, and
+# the launcher clears them before it execs the program.
+_USER_NAMESPACES = ("--user", "--map-current-user", "--keep-caps", *_NAMESPACES)
 
 
 @dataclass(kw_only=True, slots=True)
 class SandboxConfig:
     cpu_seconds: float = 5.0
-    """CPU time per process (RLIMIT_CPU, rounded up to whole seconds): SIGXCPU, then SIGKILL 1 s later."""
+    """CPU seconds per process (RLIMIT_CPU, rounded up): SIGXCPU, then SIGKILL 1 s later."""
     wall_seconds: float = 10.0
     """Wall-clock limit from start; the whole process group is then killed."""
     memory_mb: int = 512
@@ -122,8 +125,8 @@ class RunResult:
     seconds: float
     """Wall-clock seconds from start to exit or kill."""
     killed_by: str | None
-    """"wall" for the wall limit, else the signal's name (SIGXCPU: CPU limit; SIGKILL: CPU hard
-    limit or the kernel), None when the program exited by itself."""
+    """What ended it: "wall" for the wall limit, else the signal's name (SIGXCPU: the CPU limit;
+    SIGKILL: the CPU hard limit or the kernel); None when the program exited by itself."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +181,8 @@ def run_python(code: str, *, stdin: str = "", cfg: SandboxConfig = SandboxConfig
         outer = stack.enter_context(
             tempfile.TemporaryDirectory(prefix="rolegraph-sandbox-", ignore_cleanup_errors=True))
         workdir = _make_workdir(outer, code, iso.drop_to)
-        stdin_f, stdout_f, stderr_f = (stack.enter_context(tempfile.TemporaryFile()) for _ in range(3))
+        stdin_f, stdout_f, stderr_f = (
+            stack.enter_context(tempfile.TemporaryFile()) for _ in range(3))
         stdin_f.write(stdin.encode("utf-8", "replace"))
         stdin_f.seek(0)
         status_r, status_w = os.pipe()
@@ -196,7 +200,7 @@ def run_python(code: str, *, stdin: str = "", cfg: SandboxConfig = SandboxConfig
         try:
             timed_out = not _wait_exited(proc.pid, cfg.wall_seconds)
         finally:
-            pass  # before reaping the leader, so the group id cannot be reused
+            _kill_group(proc.pid)  # before reaping the leader, so the group id cannot be reused
             proc.wait()
         seconds = time.monotonic() - start
         report = _read_report(status_r)
@@ -291,11 +295,11 @@ def _read_report(fd: int) -> dict[str, Any]:
     return report
 
 
-@functools.cache
+@functools.cache  # once per (wanted, used) pair
 def _warn_if_substituted(wanted: str, used: str | None) -> None:
     if used is not None and used != wanted:
-        logger.warning("sandbox: %s is not executable by uid %d; programs run with %s",
-                       wanted, SANDBOX_UID, used)
+        logger.warning("sandbox: %s is not executable by the sandbox user; programs run with %s",
+                       wanted, used)
 
 
 def _returncode(report: dict[str, Any], launcher_rc: int) -> int:
@@ -334,7 +338,8 @@ def _launcher_main(spec_json):
         if spec["isolate_fs"]:
             _launcher_isolate_fs(spec["workdir"])
     except Exception as e:
-        os.write(status_fd, json.dumps({"error": "isolating the filesystem: %r" % e}).encode())
+        error = {"error": "isolating the filesystem: %r" % e}
+        os.write(status_fd, json.dumps(error).encode() + b"\n")
         sys.exit(1)
     pid = os.fork()
     if pid == 0:
@@ -382,8 +387,11 @@ def _launcher_exec_program(spec, status_fd):
         for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; exec keeps that
             signal.signal(sig, signal.SIG_DFL)
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS: no setuid binaries
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+        # PR_SET_NO_NEW_PRIVS: setuid binaries give nothing; PR_CAP_AMBIENT_CLEAR_ALL: no
+        # capabilities survive the exec (the ambient ones --keep-caps gave the launcher)
+        for option, args in ((38, (1, 0, 0, 0)), (47, (4, 0, 0, 0))):
+            if libc.prctl(option, *args) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(%d)" % option)
         if spec["drop_to"] is not None:
             uid, gid = spec["drop_to"]
             os.setgroups([])
@@ -440,10 +448,11 @@ def _guard_main():
     runpy.run_path(PROGRAM_NAME, run_name="__main__")
 
 
-def _source(*functions: Any, imports: str, call: str, constants: dict[str, Any]) -> str:
+def _source(*functions: Any, imports: str, call: str,
+            constants: dict[str, Any] | None = None) -> str:
     """Stand-alone ``-c`` source: the imports, the constants, the functions, then the call."""
     parts = ["from __future__ import annotations", f"import {imports}"]
-    parts += [f"{name} = {value!r}" for name, value in constants.items()]
+    parts += [f"{name} = {value!r}" for name, value in (constants or {}).items()]
     parts += [textwrap.dedent(inspect.getsource(fn)) for fn in functions]
     return "\n".join([*parts, call, ""])
 
@@ -451,7 +460,7 @@ def _source(*functions: Any, imports: str, call: str, constants: dict[str, Any])
 _LAUNCHER_SOURCE = _source(
     _launcher_main, _launcher_isolate_fs, _launcher_exec_program,
     imports="contextlib, ctypes, json, os, re, resource, signal, sys",
-    constants={}, call="_launcher_main(sys.argv[1])")
+    call="_launcher_main(sys.argv[1])")
 _GUARD_SOURCE = _source(
     _guard_main, imports="os, runpy, sys", constants={"PROGRAM_NAME": PROGRAM_NAME},
     call="_guard_main()")
@@ -474,7 +483,7 @@ class CodeTests:
     cases: tuple[tuple[str, str], ...] = ()
     """(stdin, expected stdout) pairs."""
     asserts: str | None = None
-    """Python source appended to the program; passing means exit code 0."""
+    """Python source appended to the program; passing means it runs to its end and exits 0."""
     fraction: bool = False
     """Score the fraction of passing cases instead of all-or-nothing."""
 
@@ -496,9 +505,11 @@ def parse_code_tests(ground_truth: Any) -> CodeTests:
     """
     gt = json.loads(ground_truth) if isinstance(ground_truth, (str, bytes)) else ground_truth
     if not isinstance(gt, dict):
-        raise ValueError(f"code ground truth must be a dict or JSON object, got {type(gt).__name__}")
+        raise ValueError(f"code ground truth must be a dict or JSON object, "
+                         f"got {type(gt).__name__}")
     if unknown := set(gt) - _TEST_KEYS:
-        raise ValueError(f"code ground truth: unknown keys {sorted(unknown)}; valid: {sorted(_TEST_KEYS)}")
+        raise ValueError(f"code ground truth: unknown keys {sorted(unknown)}; "
+                         f"valid: {sorted(_TEST_KEYS)}")
     if ("tests" in gt) == ("assert" in gt):
         raise ValueError("code ground truth needs exactly one of 'tests' and 'assert'")
     fraction = gt.get("fraction", False)
@@ -515,17 +526,21 @@ def parse_code_tests(ground_truth: Any) -> CodeTests:
     for i, case in enumerate(tests):
         if not (isinstance(case, dict) and set(case) == {"input", "output"}
                 and all(isinstance(v, str) for v in case.values())):
-            raise ValueError(f"code ground truth: tests[{i}] must be {{'input': str, 'output': str}}")
+            raise ValueError(
+                f"code ground truth: tests[{i}] must be {{'input': str, 'output': str}}")
         cases.append((case["input"], case["output"]))
     return CodeTests(cases=tuple(cases), fraction=fraction)
 
 
-def score_code(response: str, ground_truth: Any, *, cfg: SandboxConfig = CODE_SCORER_CONFIG) -> float:
+def score_code(response: str, ground_truth: Any, *,
+               cfg: SandboxConfig = CODE_SCORER_CONFIG) -> float:
     """Reward in [0, 1] for the program in ``response`` against a ``code`` ground truth.
 
     1.0 iff every test passes (the program exits 0 within the limits and, for stdin/stdout
     cases, prints the expected output up to trailing whitespace on each line and trailing blank
-    lines); with ``fraction`` the fraction of passing cases. Anything the response does scores
+    lines; for asserts, reaches the end of them: a random token printed after the asserts must
+    be the last line, so exiting early with status 0 does not pass); with ``fraction`` the
+    fraction of passing cases. Anything the response does scores
     0.0, never raises. A malformed ground truth raises ValueError (a data bug), and a sandbox
     that cannot start raises RuntimeError: both are machine or data problems, which the reward
     role counts in ``reward/errors`` rather than hiding them as zero rewards.
@@ -533,7 +548,10 @@ def score_code(response: str, ground_truth: Any, *, cfg: SandboxConfig = CODE_SC
     tests = parse_code_tests(ground_truth)
     program = extract_program(response)
     if tests.asserts is not None:
-        return float(_passed(run_python(f"{program}\n\n{tests.asserts}\n", cfg=cfg), None))
+        token = secrets.token_hex(16)
+        result = run_python(f"{program}\n\n{tests.asserts}\nprint({token!r})\n", cfg=cfg)
+        last_line = result.stdout.rstrip().splitlines()[-1:]
+        return float(result.returncode == 0 and last_line == [token])
     passed = 0
     for stdin, expected in tests.cases:
         ok = _passed(run_python(program, stdin=stdin, cfg=cfg), expected)
@@ -549,10 +567,9 @@ def code_scorer(response: str, ground_truth: Any) -> float:
     return score_code(response, ground_truth, cfg=CODE_SCORER_CONFIG)
 
 
-def _passed(result: RunResult, expected: str | None) -> bool:
-    if result.returncode != 0:
-        return False
-    return expected is None or _normalize_output(result.stdout) == _normalize_output(expected)
+def _passed(result: RunResult, expected: str) -> bool:
+    same = _normalize_output(result.stdout) == _normalize_output(expected)
+    return result.returncode == 0 and same
 
 
 def _normalize_output(text: str) -> str:

@@ -42,6 +42,7 @@ requires_root = pytest.mark.skipif(not ROOT, reason="the uid drop needs root (CI
 requires_namespaces = pytest.mark.skipif(not isolation().namespaces,
                                          reason="needs PID/mount namespaces (unshare)")
 SECRET_ENV = "ROLEGRAPH_SANDBOX_TEST_SECRET"
+pytestmark = pytest.mark.timeout(120)  # a broken group kill would otherwise hang, not fail
 
 # Tries every escape; reports {attempt: [outcome, detail]} as JSON, outcome "ok" or the error.
 ESCAPE_PROGRAM = textwrap.dedent("""
@@ -99,7 +100,8 @@ def pids_of_uid(uid: int) -> list[int]:
     pids = []
     for status in Path("/proc").glob("[0-9]*/status"):
         try:
-            uid_line = next(line for line in status.read_text().splitlines() if line.startswith("Uid:"))
+            lines = status.read_text().splitlines()
+            uid_line = next(line for line in lines if line.startswith("Uid:"))
         except (OSError, StopIteration):
             continue  # exited while we looked
         if int(uid_line.split()[1]) == uid:
@@ -137,15 +139,14 @@ def test_config_rejects_nonpositive_limits():
 def test_infinite_loop_is_killed_at_the_wall_limit():
     result = run_python("while True:\n    pass", cfg=FAST)
     assert result.timed_out and result.killed_by == "wall" and result.returncode is None
-    assert FAST.wall_seconds <= result.seconds < 1.3 * FAST.wall_seconds
+    assert FAST.wall_seconds <= result.seconds < 1.5 * FAST.wall_seconds
     assert_sandbox_works()
 
 
 def test_cpu_limit_stops_a_busy_program():
-    cfg = SandboxConfig(wall_seconds=5, cpu_seconds=1)
-    result = run_python("while True:\n    pass", cfg=cfg)
+    cfg = SandboxConfig(wall_seconds=8, cpu_seconds=1)
+    result = run_python("while True:\n    pass", cfg=cfg)  # 1 CPU second, before the wall limit
     assert (result.returncode, result.killed_by, result.timed_out) == (-24, "SIGXCPU", False)
-    assert result.seconds < 2.5
 
 
 def test_memory_bomb_fails_with_memory_error():
@@ -165,7 +166,7 @@ def test_output_flood_is_cut_by_file_size_and_truncated():
 def test_fork_bomb_is_contained_and_leaves_no_process():
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     result = run_python(bomb, cfg=FAST)
-    assert result.timed_out and result.seconds < 1.3 * FAST.wall_seconds
+    assert result.timed_out and result.seconds < 1.5 * FAST.wall_seconds
     if ROOT:  # as another user, the sandbox uid is the caller's, which has other processes
         assert wait_no_pids_of_uid(SANDBOX_UID) == []
     assert_sandbox_works()
@@ -347,10 +348,17 @@ def test_fraction_mode_scores_passing_fraction():
     assert code_scorer(fenced(program), {**SUM_TESTS, "fraction": True}) == 0.5
 
 
-def test_assert_mode():
+@pytest.mark.parametrize(
+    "program, expected",
+    [
+        ("def add(a, b):\n    return a + b", 1.0),
+        ("def add(a, b):\n    return a * b", 0.0),
+        ("import sys\ndef add(a, b):\n    return 0\nsys.exit(0)", 0.0),  # exits before the asserts
+    ],
+)
+def test_assert_mode(program, expected):
     asserts = {"assert": "assert add(1, 2) == 3\nassert add(-1, 1) == 0"}
-    assert code_scorer(fenced("def add(a, b):\n    return a + b"), asserts) == 1.0
-    assert code_scorer(fenced("def add(a, b):\n    return a * b"), asserts) == 0.0
+    assert code_scorer(fenced(program), asserts) == expected
 
 
 def test_program_that_never_ends_scores_zero_within_the_wall_limit():
