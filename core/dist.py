@@ -62,14 +62,27 @@ def init_distributed(*, device: str = "auto") -> DistInfo:
         _share_cpu_threads(local_world)
     if not dist.is_initialized():
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world,
-                                    device_id=dev if use_cuda else None)
+            dist.init_process_group(backend, store=_attempt_store(rank, world), rank=rank,
+                                    world_size=world, device_id=dev if use_cuda else None)
         else:
             # Single process without torchrun: an in-memory store, no network port.
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     _INFO = DistInfo(rank, world, local_rank, local_world, dev, backend)
     _MESH = init_device_mesh(dev.type, (world,), mesh_dim_names=("dp",))
     return _INFO
+
+
+def _attempt_store(rank: int, world: int) -> dist.Store:
+    """The rendezvous store, under a prefix unique to this torchrun restart attempt.
+
+    After a worker dies, torchrun restarts every worker against the same store; without a
+    per-attempt prefix a new rank can read the previous attempt's gloo/nccl addresses and fail
+    to connect (seen with --max-restarts on gloo)."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                          is_master=rank == 0 and not agent_hosts, wait_for_workers=False)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"rolegraph/attempt_{attempt}", store)
 
 
 def _share_cpu_threads(local_world: int) -> None:

@@ -78,7 +78,7 @@ def load_tokenizer(cfg: ModelConfig):
     src = cfg.tokenizer or cfg.path
     if src is None:
         return None
-    folder = _check_folder(src, "tokenizer")
+    folder = _check_folder(src, "tokenizer" if cfg.tokenizer else "model")
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
