@@ -12,6 +12,7 @@ from algorithms.config import AlgorithmConfig
 from core.checkpoint import CheckpointConfig
 from core.data import PromptFormat
 from core.hybrid import HybridConfig
+from core.tracking import TrackingConfig
 from core.models import ModelConfig
 from core.tasks import TaskConfig
 from roles.actor import Actor
@@ -80,4 +81,5 @@ class JobConfig:
     reward: Reward.Config = field(default_factory=Reward.Config)
     hybrid: HybridConfig = field(default_factory=HybridConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

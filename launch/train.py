@@ -15,12 +15,13 @@ from typing import Sequence
 from core import dist
 from core.batch import Batch
 from core.checkpoint import Checkpointer
-from core.config import to_yaml
+from core.config import flatten, to_yaml
 from core.data import PROMPT_FIELDS
 from core.evaluate import evaluate
 from core.graph import Graph, Phase, Stage
 from core.models import save_hf_folder
 from core.optim import NonFiniteError
+from core.tracking import Tracker
 from launch.build import Job, build_job
 from launch.config import JobConfig
 from launch.entry import run_entry
@@ -53,6 +54,8 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.orders = {g.name: g.order(PROMPT_FIELDS) for g in job.plan.graphs()}
         self.checkpointer = Checkpointer(self.cfg.checkpoint, self.out)
+        self.tracker: Tracker | None = None
+        self.last_batch: Batch | None = None
 
     def run_eval(self) -> dict[str, float]:
         j = self.job
@@ -77,6 +80,7 @@ class Trainer:
         metrics["timing_s/step"] = time.perf_counter() - t0
         metrics["perf/tokens_per_s"] = metrics["perf/response_tokens"] / metrics["timing_s/step"]
         metrics["data/epoch"] = float(j.stream.epoch)
+        self.last_batch = batch
         return metrics
 
     def run_stage(self, stage: Stage) -> None:
@@ -90,6 +94,16 @@ class Trainer:
                 break
 
     def fit(self) -> list[dict[str, float]]:
+        try:
+            history = self._fit()
+        except BaseException as e:
+            if self.tracker is not None:
+                self.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        self.tracker.finish("FINISHED")
+        return history
+
+    def _fit(self) -> list[dict[str, float]]:
         cfg, plan = self.cfg, self.job.plan
         t_start = time.perf_counter()
         start = self._start()
@@ -100,6 +114,8 @@ class Trainer:
                     metrics.update(self.run_eval())
                 metrics["timing_s/elapsed"] = time.perf_counter() - t_start
                 self._record(step, metrics)
+                if self.tracker.should_log_samples(step):
+                    self.tracker.log_samples(sample_rows(self.last_batch, self.tracker.cfg.samples_per_log), step)
                 last = step == cfg.run.steps or step == cfg.run.stop_after
                 if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                     self.save(step)
@@ -113,6 +129,7 @@ class Trainer:
         if cfg.checkpoint.export_hf:
             save_hf_folder(self.job.roles["actor"].model, self.job.tokenizer, self.out / "hf",
                            is_main=dist.info().is_main)
+            self.tracker.set_tags({"export/hf": str((self.out / "hf").resolve())})
         self._summary(time.perf_counter() - t_start)
         return self.history
 
@@ -126,16 +143,28 @@ class Trainer:
             load_local_state(self.job, local)
             self.job.hybrid.sync_weights(force=True)
             self._keep_rows_up_to(meta["step"])
+            self._open_tracker(meta.get("tracking_run_id"))
             return meta["step"]
+        self._open_tracker(None)
         self.job.hybrid.sync_weights(force=True)  # the engine starts from the actor's weights
         self._record(0, self.run_eval())
         for stage in self.job.plan.stages:
             self.run_stage(stage)
         return 0
 
+    def _open_tracker(self, resume_run_id: str | None) -> None:
+        self.tracker = Tracker(self.cfg.tracking, output_dir=self.out, is_main=dist.info().is_main,
+                               resume_run_id=resume_run_id)
+        self.tracker.log_params(flatten(self.cfg))
+        self.tracker.log_text(to_yaml(self.cfg), "config.yaml")
+        self.tracker.log_text("\n\n".join(g.to_mermaid(PROMPT_FIELDS) for g in self.job.plan.graphs()),
+                              "graph.mmd")
+
     def save(self, step: int) -> None:
-        self.checkpointer.save(step, sharded=sharded_state(self.job), local=local_state(self.job),
-                               meta={"config": to_yaml(self.cfg)})
+        path = self.checkpointer.save(step, sharded=sharded_state(self.job), local=local_state(self.job),
+                                      meta={"config": to_yaml(self.cfg),
+                                            "tracking_run_id": self.tracker.run_id})
+        self.tracker.set_tags({"checkpoint/latest": str(path.resolve()), "checkpoint/step": str(step)})
 
     def _prepare_output(self, *, resuming: bool) -> None:
         if not dist.info().is_main:
@@ -168,6 +197,11 @@ class Trainer:
             return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        if "stage" in metrics:  # a stage's own step axis, under its name
+            self.tracker.log_metrics({f"{metrics['stage']}/{k}": v for k, v in metrics.items()},
+                                     int(metrics["stage_step"]))
+        else:
+            self.tracker.log_metrics(metrics, step)
         logger.info("%s", console_line(row, self.cfg.run.steps))
 
     def _summary(self, seconds: float) -> None:
@@ -176,6 +210,13 @@ class Trainer:
             return
         logger.info("done: %d steps in %.0f s; eval/accuracy %.3f -> %.3f (%+.3f)",
                     self.cfg.run.steps, seconds, evals[0], evals[-1], evals[-1] - evals[0])
+
+
+def sample_rows(batch: Batch, n: int) -> list[dict[str, object]]:
+    """The first n samples of a step as table rows (prompt, response, answer, reward)."""
+    return [{"prompt": batch.prompt_text[i], "response": batch.response_text[i],
+             "ground_truth": str(batch.ground_truth[i]), "reward": float(batch.rewards[i]),
+             "finish_reason": batch.finish_reason[i]} for i in range(min(n, len(batch)))]
 
 
 def console_line(row: dict[str, float], total: int) -> str:

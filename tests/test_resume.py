@@ -42,6 +42,8 @@ def test_resume_is_bitwise_identical(tmp_path, straight):
     assert "resumed from" in proc.stdout
     assert comparable(read_metrics(out)) == comparable(straight)
     assert (out / "hf" / "model.safetensors").exists()
+    from tests.test_train_e2e import check_mlflow_run
+    check_mlflow_run(out, read_metrics(out))  # one MLflow run across the restart, every step
 
 
 def _find_worker(rank: int, output_dir: Path) -> int | None:

@@ -48,6 +48,7 @@ def test_tiny_grpo_run_matches_golden_numbers(tmp_path):
                                       "reward/mean", "perf/tokens_per_s", "timing_s/step"))
     assert "step 3/3" in proc.stdout and "[rank0" in proc.stdout  # one rank-prefixed line per step
     assert (out / "config.yaml").exists() and "flowchart" in (out / "graph.mmd").read_text()
+    check_mlflow_run(out, rows)
     got = [{k: r[k] for k in GOLDEN_KEYS if k in r} for r in rows]
     if os.environ.get("ROLEGRAPH_UPDATE_GOLDEN"):
         GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
@@ -57,6 +58,23 @@ def test_tiny_grpo_run_matches_golden_numbers(tmp_path):
         assert set(g) == set(w), f"step {step}: metrics {sorted(g)} != golden {sorted(w)}"
         for k in w:
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), f"step {step} {k}"
+
+
+def check_mlflow_run(out: Path, rows: list[dict]) -> None:
+    """The run's MLflow store, read back: params, every step's metrics, artifacts, status."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("rolegraph").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["run.steps"] == str(rows[-1]["step"]) and run.data.params["algorithm.name"] == "grpo"
+    for key in ("reward/mean", "actor/grad_norm", "timing_s/generate"):
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        assert history == {r["step"]: pytest.approx(r[key]) for r in rows if key in r}, key
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "graph.mmd"} <= names
+    assert run.data.tags["checkpoint/latest"].endswith(f"step_{rows[-1]['step']:06d}")
 
 
 def test_plain_python_runs_with_world_size_one(tmp_path):
