@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -185,33 +186,49 @@ class PromptFormat:
     """Appended to every problem."""
 
 
-def read_jsonl(path: str | Path, fmt: PromptFormat, tokenizer=None) -> list[PromptRow]:
-    """Rows of a JSONL prompt file; malformed lines are reported with file and line number."""
+def read_prompts(path: str | Path, fmt: PromptFormat, tokenizer=None) -> list[PromptRow]:
+    """Rows of a JSONL (one object per line) or Parquet prompt file. Malformed rows are reported
+    with file and line (JSONL) or row number (Parquet), five at a time, and nothing loads."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+    if path.suffix == ".parquet":
+        records = enumerate(pq.read_table(path).to_pylist(), 1)
+        where = "row"
+    else:
+        records = _json_lines(path)
+        where = ""
     rows, errors = [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                if not isinstance(obj, dict):
-                    raise ValueError("not a JSON object")
-                missing = [k for k in (fmt.prompt_key, fmt.answer_key) if k not in obj]
-                if missing:
-                    raise ValueError(f"missing field(s) {missing} (has: {sorted(obj)})")
-                rows.append(PromptRow(render_prompt(str(obj[fmt.prompt_key]), fmt, tokenizer),
-                                      obj[fmt.answer_key], obj.get("data_source", fmt.data_source)))
-            except ValueError as e:
-                errors.append(f"{path}:{lineno}: {e}")
+    for lineno, obj in records:
+        try:
+            if isinstance(obj, Exception):
+                raise obj
+            if not isinstance(obj, dict):
+                raise ValueError("not a JSON object")
+            missing = [k for k in (fmt.prompt_key, fmt.answer_key) if k not in obj]
+            if missing:
+                raise ValueError(f"missing field(s) {missing} (has: {sorted(obj)})")
+            rows.append(PromptRow(render_prompt(str(obj[fmt.prompt_key]), fmt, tokenizer),
+                                  obj[fmt.answer_key], obj.get("data_source") or fmt.data_source))
+        except ValueError as e:
+            errors.append(f"{path}:{where + ' ' if where else ''}{lineno}: {e}")
     if errors:
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
         raise ValueError("malformed prompt rows:\n  " + "\n  ".join(errors[:5]) + more)
     if not rows:
         raise ValueError(f"prompt file {str(path)!r} has no rows")
     return rows
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield lineno, ValueError(f"malformed JSON: {e}")
+
 
 
 def render_prompt(problem: str, fmt: PromptFormat, tokenizer=None) -> str:

@@ -16,7 +16,7 @@ import torch
 import algorithms  # noqa: F401  (registers the built-in algorithms)
 from algorithms.base import get_algorithm
 from core import dist
-from core.data import PROMPT_FIELDS, PromptDataset, PromptStream, read_jsonl
+from core.data import PROMPT_FIELDS, PromptDataset, PromptStream, read_prompts
 from core.graph import Graph, Plan, as_plan
 from core.hybrid import HybridEngine
 from core.models import build_model, dtype_of, load_tokenizer, shard_model
@@ -87,9 +87,9 @@ def value_model(cfg: JobConfig, vocab: int) -> ValueModel:
 def load_prompts(cfg: JobConfig, tokenizer) -> Task:
     """Training and held-out rows: from JSONL files when given, else the built-in task."""
     task = build_task(cfg.data.task) if not (cfg.data.train_files and cfg.data.eval_files) else None
-    train = ([r for f in cfg.data.train_files for r in read_jsonl(f, cfg.data.format, tokenizer)]
+    train = ([r for f in cfg.data.train_files for r in read_prompts(f, cfg.data.format, tokenizer)]
              if cfg.data.train_files else task.train)
-    held_out = ([r for f in cfg.data.eval_files for r in read_jsonl(f, cfg.data.format, tokenizer)]
+    held_out = ([r for f in cfg.data.eval_files for r in read_prompts(f, cfg.data.format, tokenizer)]
                 if cfg.data.eval_files else task.eval)
     return Task(cfg=cfg.data.task, train=train, eval=held_out)
 

@@ -44,9 +44,9 @@ class DataConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     """The built-in task that generates training and held-out prompts (when no files are set)."""
     train_files: list[str] = field(default_factory=list)
-    """JSONL prompt files to train on (e.g. data/math_train_deepscaler.jsonl); empty: the task."""
+    """JSONL or Parquet prompt files to train on (e.g. data/math_train_deepscaler.jsonl); empty: the task."""
     eval_files: list[str] = field(default_factory=list)
-    """JSONL held-out files for eval/accuracy (e.g. data/math500.jsonl); empty: the task's split."""
+    """JSONL or Parquet held-out files for eval/accuracy (e.g. data/math500.jsonl); empty: the task's split."""
     format: PromptFormat = field(default_factory=PromptFormat)
     prompts_per_step: int = 64
     """Prompts per step over all ranks (each yields rollout.n samples); divisible by world size."""
