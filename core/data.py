@@ -51,12 +51,25 @@ class PromptDataset(Dataset):
                            self.dropped, len(rows), max_prompt_len)
         if not self.rows:
             raise ValueError("no prompts left after the prompt-length filter")
+        self.origin = list(range(len(self.rows)))
+        """Index of each row in the full dataset (the group id; stable across subsets)."""
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int) -> tuple[int, list[int], PromptRow]:
-        return i, self.ids[i], self.rows[i]
+        return self.origin[i], self.ids[i], self.rows[i]
+
+    def subset(self, indices: Sequence[int]) -> PromptDataset:
+        """The rows at `indices` (positions in this dataset), keeping their original ids."""
+        if not indices:
+            raise ValueError("a prompt subset must not be empty")
+        sub = object.__new__(PromptDataset)
+        sub.rows = [self.rows[i] for i in indices]
+        sub.ids = [self.ids[i] for i in indices]
+        sub.origin = [self.origin[i] for i in indices]
+        sub.dropped = 0
+        return sub
 
 
 def collate_prompts(items: Sequence[tuple[int, list[int], PromptRow]], *, pad_id: int) -> Batch:

@@ -16,7 +16,8 @@ import torch
 import algorithms  # noqa: F401  (registers the built-in algorithms)
 from algorithms.base import get_algorithm
 from core import dist
-from core.data import PROMPT_FIELDS, PromptDataset, PromptStream, read_prompts
+from core.curriculum import CurriculumStream, difficulty_levels, length_levels
+from core.data import PROMPT_FIELDS, PromptDataset, PromptStream, collate_prompts, read_prompts
 from core.graph import Graph, Plan, as_plan
 from core.hybrid import HybridEngine
 from core.models import build_model, dtype_of, load_tokenizer, shard_model
@@ -39,7 +40,7 @@ class Job:
     plan: Plan
     roles: dict[str, Any]
     hybrid: HybridEngine
-    stream: PromptStream
+    stream: PromptStream | CurriculumStream
 
     @property
     def graph(self) -> Graph:
@@ -63,15 +64,43 @@ def build_job(cfg: JobConfig) -> Job:
         raise ValueError(f"data.prompts_per_step={cfg.data.prompts_per_step} is not divisible by "
                          f"the world size {info.world_size}")
     dataset = PromptDataset(task.train, tokenizer, max_prompt_len=cfg.data.max_prompt_len)
-    stream = PromptStream(dataset, batch_size=cfg.data.prompts_per_step // info.world_size,
-                          rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
-                          pad_id=tokenizer.pad_token_id, shuffle=cfg.data.shuffle)
+    stream_kwargs = dict(batch_size=cfg.data.prompts_per_step // info.world_size, rank=info.rank,
+                         world_size=info.world_size, seed=cfg.run.seed, pad_id=tokenizer.pad_token_id,
+                         shuffle=cfg.data.shuffle)
     roles = build_roles(cfg, plan.roles(), tokenizer)
-    for graph in plan.graphs():
-        graph.bind({**roles, "prompts": stream})
     hybrid = HybridEngine(cfg.hybrid, actor=roles["actor"], rollout=roles["rollout"],
                           engine_dtype=dtype_of(cfg.rollout.dtype), device=info.device)
+    cur = cfg.data.curriculum
+    if cur.kind == "none":
+        stream: PromptStream | CurriculumStream = PromptStream(dataset, **stream_kwargs)
+    else:
+        levels = (length_levels(dataset, cur.stages, cumulative=cur.cumulative) if cur.kind == "length"
+                  else difficulty_levels(probe_pass_rates(cfg, dataset, roles, hybrid), cur.stages))
+        stream = CurriculumStream(cur, dataset, levels, **stream_kwargs)
+    for graph in plan.graphs():
+        graph.bind({**roles, "prompts": stream})
     return Job(cfg, tokenizer, task, plan, roles, hybrid, stream)
+
+
+def probe_pass_rates(cfg: JobConfig, dataset: PromptDataset, roles: dict[str, Any],
+                     hybrid: HybridEngine) -> list[float]:
+    """The initial policy's pass rate on each prompt, from curriculum.probe_n samples (each rank
+    probes its share; seeded, so a resumed run probes identically). -1 marks unprobed prompts."""
+    info = dist.info()
+    hybrid.sync_weights(force=True)
+    n, rollout = cfg.data.curriculum.probe_n, roles["rollout"]
+    mine = list(range(info.rank, len(dataset), info.world_size))
+    rates: dict[int, float] = {}
+    for start in range(0, len(mine), cfg.eval.batch_size):
+        chunk = mine[start:start + cfg.eval.batch_size]
+        prompts = collate_prompts([dataset[i] for i in chunk], pad_id=rollout.tokenizer.pad_token_id)
+        out = rollout.generate(prompts.to(info.device), rollout.sampling(n=n, seed=cfg.run.seed + start))
+        scores = roles["reward"].score(out).value.reshape(len(chunk), n).mean(-1)
+        rates.update(zip(chunk, scores.tolist()))
+    merged = {k: v for part in dist.all_gather_objects(rates) for k, v in part.items()}
+    logger.info("difficulty probe: %d prompts x %d samples; %d with 0 < pass rate < 1", len(merged), n,
+                sum(0 < p < 1 for p in merged.values()))
+    return [merged.get(i, -1.0) for i in range(len(dataset))]
 
 
 def value_model(cfg: JobConfig, vocab: int) -> ValueModel:

@@ -10,6 +10,7 @@ from typing import Literal
 
 from algorithms.config import AlgorithmConfig
 from core.checkpoint import CheckpointConfig
+from core.curriculum import CurriculumConfig
 from core.data import PromptFormat
 from core.hybrid import HybridConfig
 from core.tracking import TrackingConfig
@@ -48,6 +49,7 @@ class DataConfig:
     eval_files: list[str] = field(default_factory=list)
     """JSONL or Parquet held-out files for eval/accuracy (e.g. data/math500.jsonl); empty: the task's split."""
     format: PromptFormat = field(default_factory=PromptFormat)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     prompts_per_step: int = 64
     """Prompts per step over all ranks (each yields rollout.n samples); divisible by world size."""
     max_prompt_len: int = 512

@@ -41,6 +41,8 @@ def load_local_state(job: Job, state: dict[str, Any]) -> None:
         roles["reference"].resets = state["reference"]["resets"]
     roles["rollout"].calls = state["rollout_calls"]
     set_rng_state(state["rng"])
+    if "stage" in state["stream"]:
+        job.stream.set_stage(state["stream"]["stage"])
     if state["same_world"]:
         job.stream.load_state_dict(state["stream"])
     else:

@@ -16,6 +16,7 @@ from core import dist
 from core.batch import Batch
 from core.checkpoint import Checkpointer
 from core.config import flatten, to_yaml
+from core.curriculum import CurriculumStream, PassRateTracker
 from core.data import PROMPT_FIELDS
 from core.evaluate import evaluate
 from core.graph import Graph, Phase, Stage
@@ -56,6 +57,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.cfg.checkpoint, self.out)
         self.tracker: Tracker | None = None
         self.last_batch: Batch | None = None
+        self.pass_rates = PassRateTracker()
 
     def run_eval(self) -> dict[str, float]:
         j = self.job
@@ -68,9 +70,10 @@ class Trainer:
         m["timing_s/eval"] = time.perf_counter() - t0
         return m
 
-    def train_step(self, graph: Graph) -> dict[str, float]:
+    def train_step(self, graph: Graph, step: int | None = None) -> dict[str, float]:
         j = self.job
         t0 = time.perf_counter()
+        stage_metrics = self._enter_curriculum_stage(step) if step is not None else {}
         prompts = next(j.stream).to(dist.info().device)
         batch, step = graph.run(prompts, order=self.orders[graph.name], enter_phase=j.hybrid.enter)
         world = dist.info().world_size
@@ -80,8 +83,23 @@ class Trainer:
         metrics["timing_s/step"] = time.perf_counter() - t0
         metrics["perf/tokens_per_s"] = metrics["perf/response_tokens"] / metrics["timing_s/step"]
         metrics["data/epoch"] = float(j.stream.epoch)
+        if "scores" in batch:
+            self.pass_rates.update(batch.group_ids, batch.scores)
+            metrics.update({k: v / world for k, v in
+                            dist.all_reduce_scalars(self.pass_rates.metrics()).items()})
         self.last_batch = batch
-        return metrics
+        return metrics | stage_metrics
+
+    def _enter_curriculum_stage(self, step: int) -> dict[str, float]:
+        stream, cur = self.job.stream, self.cfg.data.curriculum
+        if not isinstance(stream, CurriculumStream):
+            return {}
+        stage = stream.stage_at(step)
+        stream.set_stage(stage)
+        if cur.max_new_tokens:
+            self.job.roles["rollout"].cfg.max_new_tokens = cur.max_new_tokens[stage]
+        return {"curriculum/stage": float(stage),
+                "curriculum/max_new_tokens": float(self.job.roles["rollout"].cfg.max_new_tokens)}
 
     def run_stage(self, stage: Stage) -> None:
         """A stage before training (e.g. value pre-training): rows with "stage" and "stage_step"."""
@@ -109,7 +127,7 @@ class Trainer:
         start = self._start()
         try:
             for step in range(start + 1, cfg.run.steps + 1):
-                metrics = self.train_step(plan.train)
+                metrics = self.train_step(plan.train, step)
                 if step == cfg.run.steps or (cfg.eval.every and step % cfg.eval.every == 0):
                     metrics.update(self.run_eval())
                 metrics["timing_s/elapsed"] = time.perf_counter() - t_start
@@ -141,6 +159,7 @@ class Trainer:
         if path is not None:
             local, meta = self.checkpointer.load(path, sharded=sharded_state(self.job))
             load_local_state(self.job, local)
+            self.pass_rates.load_state_dict(local["pass_rates"])
             self.job.hybrid.sync_weights(force=True)
             self._keep_rows_up_to(meta["step"])
             self._open_tracker(meta.get("tracking_run_id"))
@@ -161,7 +180,8 @@ class Trainer:
                               "graph.mmd")
 
     def save(self, step: int) -> None:
-        path = self.checkpointer.save(step, sharded=sharded_state(self.job), local=local_state(self.job),
+        local = local_state(self.job) | {"pass_rates": self.pass_rates.state_dict()}
+        path = self.checkpointer.save(step, sharded=sharded_state(self.job), local=local,
                                       meta={"config": to_yaml(self.cfg),
                                             "tracking_run_id": self.tracker.run_id})
         self.tracker.set_tags({"checkpoint/latest": str(path.resolve()), "checkpoint/step": str(step)})
