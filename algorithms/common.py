@@ -36,7 +36,8 @@ def score() -> Node:
 
 
 def shape(shaping: RewardShaping, job) -> Node:
-    return Node("shape_rewards", shape_rewards, ("scores", "response_mask", "finish_reason"), ("rewards",),
+    return Node("shape_rewards", shape_rewards, ("scores", "response_mask", "finish_reason", "response_text"),
+                ("rewards",),
                 kwargs={"cfg": shaping, "max_len": job.rollout.max_new_tokens})
 
 

@@ -4,6 +4,7 @@ trains on. Each term is logged apart (`reward/correctness`, `reward/overlong`,
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,13 @@ class RewardShaping:
     """Scale of the soft overlong punishment (-penalty at L_max)."""
     exploration_coef: float = 0.0
     """RLSP exploration term: + coef * response length / max_new_tokens."""
+    format_regex: str | None = None
+    """Format term: a regex the whole response must match (re.DOTALL), e.g.
+    "<think>.*</think>\\s*<answer>.*</answer>"; None: no format term."""
+    format_bonus: float = 0.0
+    """Added when the response matches format_regex."""
+    format_penalty: float = 0.0
+    """Added (use a negative value) when it does not."""
 
 
 def overlong_punishment(lengths_B: torch.Tensor, *, max_len: int, buffer: int) -> torch.Tensor:
@@ -38,9 +46,18 @@ def overlong_punishment(lengths_B: torch.Tensor, *, max_len: int, buffer: int) -
     return torch.where(lengths > max_len, torch.full_like(lengths, -1.0), out)
 
 
+def format_term(texts: list[str], cfg: RewardShaping) -> torch.Tensor:
+    """[B]: format_bonus where the response matches format_regex, else format_penalty."""
+    if cfg.format_regex is None:
+        return torch.zeros(len(texts), dtype=torch.float64)
+    pattern = re.compile(cfg.format_regex, re.DOTALL)
+    return torch.tensor([cfg.format_bonus if pattern.fullmatch(t.strip()) else cfg.format_penalty
+                         for t in texts], dtype=torch.float64)
+
+
 def shape_rewards(scores_B: torch.Tensor, response_mask_BR: torch.Tensor, finish_reason: list[str],
-                  *, cfg: RewardShaping, max_len: int) -> Result:
-    """rewards [B] float32 from scores and lengths, with each term as a metric."""
+                  response_text: list[str], *, cfg: RewardShaping, max_len: int) -> Result:
+    """rewards [B] float32 from scores, lengths and format, with each term as a metric."""
     lengths_B = response_mask_BR.sum(-1)
     base = cfg.wrong + scores_B.double() * (cfg.correct - cfg.wrong)
     if cfg.truncated is not None:
@@ -49,7 +66,9 @@ def shape_rewards(scores_B: torch.Tensor, response_mask_BR: torch.Tensor, finish
     overlong = cfg.overlong_penalty * overlong_punishment(
         lengths_B, max_len=max_len, buffer=round(cfg.overlong_buffer_frac * max_len))
     explore = cfg.exploration_coef * lengths_B.double() / max_len
-    rewards = (base + overlong + explore).float()
+    fmt = format_term(response_text, cfg).to(base.device)
+    rewards = (base + overlong + explore + fmt).float()
     return Result(rewards, metrics={"reward/correctness": float(scores_B.double().mean()),
                                     "reward/overlong": float(overlong.mean()),
-                                    "reward/exploration": float(explore.mean())})
+                                    "reward/exploration": float(explore.mean()),
+                                    "reward/format": float(fmt.mean())})

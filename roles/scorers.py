@@ -151,6 +151,20 @@ def math_scorer(response: str, ground_truth: Any) -> float:
         return 0.0
 
 
+_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+@register_scorer("math_answer_tag")
+def math_answer_tag_scorer(response: str, ground_truth: Any) -> float:
+    """As ``math``, but the final answer is the content of the last ``<answer>...</answer>``
+    (a ``\boxed{}`` inside it is unwrapped), the R1-Zero template's answer tag."""
+    tags = _ANSWER_TAG_RE.findall(response)
+    if not tags:
+        return 0.0
+    inner = tags[-1].strip()
+    return math_scorer(inner if last_boxed(inner) is not None else f"\\boxed{{{inner}}}", ground_truth)
+
+
 def _math_equal(response: str, ground_truth: Any) -> bool:
     pred = last_boxed(response)
     if pred is None:

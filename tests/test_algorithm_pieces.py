@@ -22,23 +22,35 @@ def test_overlong_punishment_three_regimes():
     assert overlong_punishment(lengths, max_len=20, buffer=0).abs().sum() == 0
 
 
+TEXTS = ["a", "b", "c", "d"]
+
+
 def test_shape_rewards_dapo_and_orz():
     scores = torch.tensor([1.0, 0.0, 1.0, 1.0])
     mask = torch.zeros(4, 10, dtype=torch.long)
     for i, n in enumerate([4, 9, 10, 10]):
         mask[i, :n] = 1
     finish = ["stop", "stop", "stop", "length"]
-    dapo = shape_rewards(scores, mask, finish, max_len=10,
+    dapo = shape_rewards(scores, mask, finish, TEXTS, max_len=10,
                          cfg=RewardShaping(correct=1, wrong=-1, overlong_buffer_frac=0.2))
     # buffer = 2 tokens: len 4 -> 0, len 9 -> (8 - 9) / 2 = -0.5, len 10 -> -1
     torch.testing.assert_close(dapo.value, torch.tensor([1.0, -1.5, 0.0, 0.0]))
     assert dapo.metrics["reward/correctness"] == 0.75
     assert dapo.metrics["reward/overlong"] == pytest.approx((0 - 0.5 - 1 - 1) / 4)
-    orz = shape_rewards(scores, mask, finish, max_len=10, cfg=RewardShaping(truncated=0.0))
+    orz = shape_rewards(scores, mask, finish, TEXTS, max_len=10, cfg=RewardShaping(truncated=0.0))
     torch.testing.assert_close(orz.value, torch.tensor([1.0, 0.0, 1.0, 0.0]))  # cut -> 0 even if right
-    rlsp = shape_rewards(scores, mask, finish, max_len=10, cfg=RewardShaping(exploration_coef=0.1))
+    rlsp = shape_rewards(scores, mask, finish, TEXTS, max_len=10, cfg=RewardShaping(exploration_coef=0.1))
     torch.testing.assert_close(rlsp.value, torch.tensor([1.04, 0.09, 1.1, 1.1]))
     assert rlsp.metrics["reward/exploration"] == pytest.approx(0.1 * 33 / 40)
+
+
+def test_format_term():
+    cfg = RewardShaping(format_regex=r"<think>.*</think>\s*<answer>.*</answer>", format_bonus=0.1,
+                        format_penalty=-0.5)
+    texts = ["<think>a\nb</think> <answer>3</answer>", "<answer>3</answer>", "", "<think>x</think><answer>y</answer>"]
+    out = shape_rewards(torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.ones(4, 3), ["stop"] * 4, texts, cfg=cfg, max_len=3)
+    torch.testing.assert_close(out.value, torch.tensor([1.1, 0.5, -0.5, 0.1]))
+    assert out.metrics["reward/format"] == pytest.approx((0.1 - 0.5 - 0.5 + 0.1) / 4)
 
 
 def test_value_loss_hand_computed():

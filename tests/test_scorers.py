@@ -253,3 +253,11 @@ def test_dataset_answers(name):
     logger.info("%s: %d rows scored in %.2fs", name, len(rows), elapsed)
     assert not failures, f"{len(failures)} of {len(rows)} rows failed: {failures}"
     assert elapsed < 60, f"{name} took {elapsed:.1f}s"
+
+
+def test_math_answer_tag_scorer():
+    tag = get_scorer("math_answer_tag")
+    assert tag("<think>x = 1/2</think> <answer>\\frac{1}{2}</answer>", "0.5") == 1.0
+    assert tag("<answer>\\boxed{4}</answer>", "4") == 1.0
+    assert tag("<answer>1</answer> then <answer>3</answer>", "1") == 0.0  # the last tag counts
+    assert tag("no tag \\boxed{4}", "4") == 0.0
