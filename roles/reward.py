@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-import roles.sandbox  # noqa: F401  (registers the "code" scorer)
+import roles.code_scorer  # noqa: F401  (registers the "code" scorer)
 from core.batch import Batch
 from core.graph import Result
 from roles.scorers import Scorer, get_scorer, register_scorer, scorer_names  # noqa: F401  (public API)

@@ -21,18 +21,8 @@ from typing import Any
 import pytest
 
 from roles import sandbox
-from roles.sandbox import (
-    SANDBOX_UID,
-    Isolation,
-    RunResult,
-    SandboxConfig,
-    code_scorer,
-    extract_program,
-    isolation,
-    parse_code_tests,
-    run_python,
-    score_code,
-)
+from roles.code_scorer import code_scorer, extract_program, parse_code_tests, score_code
+from roles.sandbox import SANDBOX_UID, Isolation, RunResult, SandboxConfig, isolation, run_python
 from roles.scorers import get_scorer
 
 FAST = SandboxConfig(wall_seconds=1.5, cpu_seconds=30, memory_mb=256, max_processes=16)
