@@ -129,3 +129,46 @@ def test_value_pretraining_stop_rule():
     assert not settled(flat[:3], key="critic/vf_loss", window=2, tol=0.05)
     assert not settled(flat[:4], key="critic/vf_loss", window=2, tol=0.05)  # 0.9 -> 0.55
     assert settled(flat, key="critic/vf_loss", window=2, tol=0.05)           # 0.5 -> 0.5
+
+
+def test_kl_in_reward_token_rewards_hand_computed():
+    from algorithms.ppo import token_rewards
+    # r = 1 on the last real token (index 1 of row 0); k1 = old - ref = [0.5, -0.25, 9]
+    mask = torch.tensor([[1, 1, 0]])
+    got = token_rewards(torch.tensor([1.0]), mask, torch.tensor([[-1.0, -2.0, 5.0]]),
+                        torch.tensor([[-1.5, -1.75, -4.0]]), coef=0.1, estimator="k1")
+    torch.testing.assert_close(got, torch.tensor([[-0.05, 1.025, 0.0]]))
+
+
+class _NaNLoss:
+    needs_entropy = False
+
+    def __call__(self, logp_BR, entropy_BR, mb, counts):
+        return logp_BR.sum() * float("nan"), {}
+
+
+def guard_run() -> dict:
+    from core import dist
+    from core.models import build_model, shard_model
+    from core.optim import NonFiniteError
+    from roles.actor import Actor
+    actor = Actor(Actor.Config(lr=1e-2, max_bad_steps=3), shard_model(build_model(tiny_model_config(), seed=0),
+                                                                  dist.mesh()), total_steps=5)
+    before = [p.full_tensor().clone() for p in actor.model.parameters()]
+    batch = random_batch(0, B=4)
+    skipped = []
+    try:
+        for _ in range(5):
+            skipped.append(actor.update(batch, loss_fn=_NaNLoss()).metrics["actor/skipped_steps"])
+        error = ""
+    except NonFiniteError as e:
+        error = str(e)
+    unchanged = all(torch.equal(b, p.full_tensor()) for b, p in zip(before, actor.model.parameters()))
+    return {"skipped": skipped, "error": error, "unchanged": unchanged}
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run():
+    r = run_distributed(guard_run, world_size=2)[0]
+    assert r["skipped"] == [1.0, 2.0]            # counted and logged; the weights never moved
+    assert r["unchanged"]
+    assert "3 optimizer steps in a row had a non-finite loss or gradient norm" in r["error"]
