@@ -29,8 +29,13 @@ PROMPT_FIELDS = ("prompt_ids", "prompt_mask", "group_ids", "ground_truth", "data
 @dataclass(frozen=True, slots=True)
 class PromptRow:
     prompt: str
+    """The full prompt text (chat template and instruction applied)."""
     answer: Any
     data_source: str
+    problem: str = ""
+    """The raw problem, for prompts built anew (multi-round thinking)."""
+    uid: str = ""
+    """The row's id field, or its line number."""
 
 
 class PromptDataset(Dataset):
@@ -221,8 +226,10 @@ def read_prompts(path: str | Path, fmt: PromptFormat, tokenizer=None) -> list[Pr
             missing = [k for k in (fmt.prompt_key, fmt.answer_key) if k not in obj]
             if missing:
                 raise ValueError(f"missing field(s) {missing} (has: {sorted(obj)})")
-            rows.append(PromptRow(render_prompt(str(obj[fmt.prompt_key]), fmt, tokenizer),
-                                  obj[fmt.answer_key], obj.get("data_source") or fmt.data_source))
+            problem = str(obj[fmt.prompt_key])
+            rows.append(PromptRow(render_prompt(problem, fmt, tokenizer), obj[fmt.answer_key],
+                                  obj.get("data_source") or fmt.data_source, problem,
+                                  str(obj.get("id", lineno))))
         except ValueError as e:
             errors.append(f"{path}:{where + ' ' if where else ''}{lineno}: {e}")
     if errors:

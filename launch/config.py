@@ -66,6 +66,20 @@ class EvalConfig:
     """Prompts per generate call on each rank."""
     max_new_tokens: int | None = None
     """None: rollout.max_new_tokens."""
+    benchmarks: list[str] = field(default_factory=list)
+    """Benchmarks (names in data/, e.g. aime24, math500, or JSONL/Parquet paths) for launch.eval,
+    and evaluated during training every `every` steps as eval/<name>/<metric>."""
+    n: int = 1
+    """Samples per problem."""
+    k: list[int] = field(default_factory=lambda: [1])
+    """k of pass@k, avg@k and maj@k (each <= n)."""
+    temperature: float = 0.0
+    """Sampling temperature for benchmarks (0: greedy; DeepSeek-R1 reports 0.6 with top_p 0.95)."""
+    top_p: float = 1.0
+    rounds: int = 1
+    """Multi-round thinking: re-ask with the previous round's final answer this many times."""
+    checkpoint: str | None = None
+    """launch.eval: a checkpoints/step_* folder to evaluate instead of model.path's weights."""
 
 
 @dataclass(kw_only=True, slots=True)

@@ -26,6 +26,7 @@ from core.tracking import Tracker
 from launch.build import Job, build_job
 from launch.config import JobConfig
 from launch.entry import run_entry
+from launch.eval import flat_summary, run_benchmarks
 from launch.state import load_local_state, local_state, sharded_state
 
 logger = logging.getLogger("launch.train")
@@ -67,6 +68,8 @@ class Trainer:
                      batch_size=self.cfg.eval.batch_size,
                      max_new_tokens=self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens,
                      max_prompt_len=self.cfg.data.max_prompt_len)
+        if self.cfg.eval.benchmarks:
+            m.update(flat_summary(run_benchmarks(j)[1]))
         m["timing_s/eval"] = time.perf_counter() - t0
         return m
 

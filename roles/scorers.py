@@ -258,3 +258,33 @@ def _parse(answer: str, timeout_s: int | None) -> list[Any]:
 
 # A GRPO group scores many responses against one ground truth: parse it once.
 _parse_gold = functools.lru_cache(maxsize=4096)(_parse)
+
+
+# --------------------------------------------------------------------------- answer extraction for voting
+
+def _math_answer(response: str) -> str | None:
+    boxed = last_boxed(response)
+    return _squash(_normalize(boxed)) if boxed else None
+
+
+def _tag_answer(response: str) -> str | None:
+    tags = _ANSWER_TAG_RE.findall(response)
+    return _squash(_normalize(last_boxed(tags[-1]) or tags[-1])) if tags else None
+
+
+EXTRACTORS: dict[str, Callable[[str], str | None]] = {
+    "addition": lambda response: response.strip() or None,
+    "math": _math_answer,
+    "math_answer_tag": _tag_answer,
+}
+"""Per scorer: the final answer of a response as a canonical string (for majority voting)."""
+
+
+def extract_answer(scorer: str, response: str) -> str | None:
+    """The response's final answer for `scorer` (None if it has none, or the scorer has no
+    extractor): normalised text, so identical answers written alike vote together."""
+    fn = EXTRACTORS.get(scorer)
+    try:
+        return fn(response) if fn else None
+    except Exception:  # an odd response must not stop an evaluation
+        return None

@@ -129,3 +129,9 @@ def test_parquet_prompt_files(tmp_path):
     pq.write_table(pa.table({"question": ["1+1"], "answer": ["2"]}), f)
     with pytest.raises(ValueError, match=r"p.parquet:row 1: missing field\(s\) \['problem'\]"):
         read_prompts(f, RAW)
+
+
+def test_char_tokenizer_round_trips_runs_of_newlines():
+    tok = char_tokenizer("ab\n ")
+    text = "a\n\n\nb a"
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text

@@ -18,10 +18,11 @@ GOLDEN_KEYS = ["reward/mean", "actor/pg_loss", "actor/grad_norm", "actor/entropy
                "response_length/mean", "eval/accuracy", "reshard/bytes"]
 
 
-def torchrun(config: str, *overrides: str, nproc: int = 2, timeout: float = 900) -> subprocess.CompletedProcess:
+def torchrun(config: str, *overrides: str, nproc: int = 2, timeout: float = 900,
+             module: str = "launch.train") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--standalone", "-m", "launch.train", "--config", config, *overrides]
+           "--standalone", "-m", module, "--config", config, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
