@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow.parquet as pq
 import torch
@@ -207,12 +207,44 @@ class PromptFormat:
 def read_prompts(path: str | Path, fmt: PromptFormat, tokenizer=None) -> list[PromptRow]:
     """Rows of a JSONL (one object per line) or Parquet prompt file. Malformed rows are reported
     with file and line (JSONL) or row number (Parquet), five at a time, and nothing loads."""
+    def parse(obj: dict, lineno: int) -> PromptRow:
+        _require(obj, fmt.prompt_key, fmt.answer_key)
+        problem = str(obj[fmt.prompt_key])
+        return PromptRow(render_prompt(problem, fmt, tokenizer), obj[fmt.answer_key],
+                         obj.get("data_source") or fmt.data_source, problem, str(obj.get("id", lineno)))
+    return read_rows(path, parse, what="prompt")
+
+
+def read_sft_pairs(path: str | Path, fmt: PromptFormat, response_key: str,
+                   tokenizer=None) -> list[tuple[str, str]]:
+    """(prompt, response) text pairs of a JSONL or Parquet file of supervised examples (e.g.
+    long reasoning traces). The prompt is rendered exactly like an RL prompt (data.format: chat
+    template, instruction), so SFT and RL see the same prompts; the response is the target."""
+    def parse(obj: dict, lineno: int) -> tuple[str, str]:
+        _require(obj, fmt.prompt_key, response_key)
+        response = obj[response_key]
+        if not isinstance(response, str) or not response:
+            raise ValueError(f"field {response_key!r} must be a non-empty string")
+        return render_prompt(str(obj[fmt.prompt_key]), fmt, tokenizer), response
+    return read_rows(path, parse, what="SFT")
+
+
+def _require(obj: dict, *keys: str) -> None:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise ValueError(f"missing field(s) {missing} (has: {sorted(obj)})")
+
+
+def read_rows(path: str | Path, parse: Callable[[dict, int], Any], *, what: str) -> list[Any]:
+    """parse(row, line) over a JSONL or Parquet file; every malformed row (bad JSON, not an
+    object, or a ValueError from parse) is reported with file and line, five at a time, and
+    nothing loads."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
     if path.suffix == ".parquet":
         records = enumerate(pq.read_table(path).to_pylist(), 1)
-        where = "row"
+        where = "row "
     else:
         records = _json_lines(path)
         where = ""
@@ -223,20 +255,14 @@ def read_prompts(path: str | Path, fmt: PromptFormat, tokenizer=None) -> list[Pr
                 raise obj
             if not isinstance(obj, dict):
                 raise ValueError("not a JSON object")
-            missing = [k for k in (fmt.prompt_key, fmt.answer_key) if k not in obj]
-            if missing:
-                raise ValueError(f"missing field(s) {missing} (has: {sorted(obj)})")
-            problem = str(obj[fmt.prompt_key])
-            rows.append(PromptRow(render_prompt(problem, fmt, tokenizer), obj[fmt.answer_key],
-                                  obj.get("data_source") or fmt.data_source, problem,
-                                  str(obj.get("id", lineno))))
+            rows.append(parse(obj, lineno))
         except ValueError as e:
-            errors.append(f"{path}:{where + ' ' if where else ''}{lineno}: {e}")
+            errors.append(f"{path}:{where}{lineno}: {e}")
     if errors:
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        raise ValueError("malformed prompt rows:\n  " + "\n  ".join(errors[:5]) + more)
+        raise ValueError(f"malformed {what} rows:\n  " + "\n  ".join(errors[:5]) + more)
     if not rows:
-        raise ValueError(f"prompt file {str(path)!r} has no rows")
+        raise ValueError(f"{what} file {str(path)!r} has no rows")
     return rows
 
 

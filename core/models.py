@@ -124,21 +124,41 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, *, temperature: float =
     # Only the R positions that predict response tokens go through the LM head.
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
                    logits_to_keep=R + 1).logits[:, :-1]
-    logits_NV = logits.reshape(B * R, -1)
-    targets_N = batch.response_ids.reshape(-1)
-    parts = []
-    for i in range(0, B * R, LOGIT_CHUNK_TOKENS):
-        chunk = (logits_NV[i:i + LOGIT_CHUNK_TOKENS], targets_N[i:i + LOGIT_CHUNK_TOKENS])
-        if torch.is_grad_enabled() and logits_NV.requires_grad:
-            parts.append(checkpoint(_logp_entropy, *chunk, temperature, with_entropy, use_reentrant=False))
-        else:
-            parts.append(_logp_entropy(*chunk, temperature, with_entropy))
-    out_N2 = torch.cat(parts, dim=0)
+    out_N2 = chunked_logp_entropy(logits.reshape(B * R, -1), batch.response_ids.reshape(-1),
+                                  temperature=temperature, with_entropy=with_entropy)
     keep = batch.response_mask.bool()
     zero = torch.zeros((), dtype=out_N2.dtype, device=out_N2.device)
     logp_BR = torch.where(keep, out_N2[:, 0].reshape(B, R), zero)
     entropy_BR = torch.where(keep, out_N2[:, 1].reshape(B, R), zero) if with_entropy else None
     return logp_BR, entropy_BR
+
+
+def packed_logprobs(model: torch.nn.Module, ids_BL: torch.Tensor, pos_BL: torch.Tensor
+                    ) -> torch.Tensor:
+    """log p(ids[:, t+1] | ids[:, :t+1]) as [B, L-1] float32, for rows of packed sequences.
+
+    Position ids restart at 0 where a sequence starts; with no attention mask, transformers
+    builds a block-diagonal causal mask from them (one sequence never attends to another).
+    Entries that predict the first token of a sequence are meaningless; callers mask them.
+    """
+    B, L = ids_BL.shape
+    logits = model(input_ids=ids_BL, position_ids=pos_BL, use_cache=False).logits[:, :-1]
+    out_N2 = chunked_logp_entropy(logits.reshape(B * (L - 1), -1), ids_BL[:, 1:].reshape(-1))
+    return out_N2[:, 0].reshape(B, L - 1)
+
+
+def chunked_logp_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor, *,
+                         temperature: float = 1.0, with_entropy: bool = False) -> torch.Tensor:
+    """[N, 2] (log-prob of the target, entropy), LOGIT_CHUNK_TOKENS rows at a time, each chunk
+    recomputed in the backward pass (activation checkpointing) when gradients are on."""
+    parts = []
+    for i in range(0, logits_NV.shape[0], LOGIT_CHUNK_TOKENS):
+        chunk = (logits_NV[i:i + LOGIT_CHUNK_TOKENS], targets_N[i:i + LOGIT_CHUNK_TOKENS])
+        if torch.is_grad_enabled() and logits_NV.requires_grad:
+            parts.append(checkpoint(_logp_entropy, *chunk, temperature, with_entropy, use_reentrant=False))
+        else:
+            parts.append(_logp_entropy(*chunk, temperature, with_entropy))
+    return torch.cat(parts, dim=0)
 
 
 def _logp_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor, temperature: float,
@@ -184,9 +204,14 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def save_hf_folder(model: torch.nn.Module, tokenizer, path: str | Path, *, is_main: bool) -> None:
+def save_hf_folder(model: torch.nn.Module, tokenizer, path: str | Path, *, is_main: bool,
+                   lora: Any = None) -> None:
     """Write a Hugging Face folder (config.json, model.safetensors, tokenizer files) that
-    `from_pretrained` loads. Collective: every rank calls it; rank 0 writes."""
+    `from_pretrained` loads. Collective: every rank calls it; rank 0 writes.
+
+    With `lora` (the core.lora.LoraConfig the model was wrapped with), the folder holds the
+    merged weights (peft's merge_and_unload) and the adapter alone goes to `<path>/../adapter`.
+    """
     state = full_state_dict(model)
     if not is_main:
         return
@@ -195,7 +220,14 @@ def save_hf_folder(model: torch.nn.Module, tokenizer, path: str | Path, *, is_ma
     # A plain module of the same class takes the full weights; save_pretrained handles tied
     # weights and writes safetensors.
     plain = AutoModelForCausalLM.from_config(model.config)
-    plain.load_state_dict(state)
+    if lora is not None:
+        from core.lora import apply_lora
+        wrapped = apply_lora(plain, lora)
+        wrapped.load_state_dict(state)
+        wrapped.save_pretrained(out.parent / "adapter", safe_serialization=True)
+        plain = wrapped.merge_and_unload()
+    else:
+        plain.load_state_dict(state)
     plain.config.use_cache = True
     plain.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:

@@ -61,7 +61,9 @@ class TrainState:
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig, *, total_steps: int) -> None:
         self.model = model
         self.cfg = cfg
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+        # Only trainable parameters get optimizer state (frozen LoRA base weights do not).
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg, total_steps * cfg.mini_batches * cfg.epochs))

@@ -1,12 +1,21 @@
-"""Supervised warm-up on the built-in task: `torchrun ... -m launch.sft --config configs/X.yaml`.
+"""Supervised fine-tuning: `torchrun ... -m launch.sft --config configs/X.yaml`.
 
-Trains the policy on (prompt, teacher answer + EOS) pairs of the built-in task's training split
-(the task's sloppy teacher, core/tasks.py) with the loss on response tokens only, through the
-same FSDP2 actor as RL, evaluates held-out accuracy with the same engine and scorer, and writes a Hugging Face folder (safetensors, config,
-tokenizer) to `<run.output_dir>/hf` that `model.path` can point at.
+Data: `data.train_files` (JSONL or Parquet rows with a prompt and a response, e.g. long
+reasoning traces; the prompt is rendered like an RL prompt through `data.format`), or, with no
+files, the built-in task's prompts answered by its sloppy teacher (core/tasks.py).
 
-It makes the quickstart's starting checkpoint (assets/quickstart-sft; command in its README):
-a deterministic start the RL run improves on.
+Training: the same FSDP2 actor, optimizer and schedule as RL; examples packed into rows of
+`sft.max_seq_len` tokens (core/packing.py); the loss is the token-mean NLL of response tokens
+only. Full fine-tuning, or LoRA adapters through peft (`sft.lora.enabled=true`).
+
+Evaluation: held-out accuracy (greedy, same engine and scorer as RL) before step 1, every
+`eval.every` steps and at the end, on `data.eval_files` or the task's held-out split. LoRA
+adapters are folded into the weights streamed to the engine.
+
+Output in run.output_dir: `hf/` (a Hugging Face folder, LoRA merged, that `model.path` of
+launch.train and launch.eval takes), `adapter/` (the peft adapter, LoRA only), metrics.jsonl,
+config.yaml and an MLflow run. It makes the quickstart's starting checkpoint
+(assets/quickstart-sft; command in its README).
 """
 from __future__ import annotations
 
@@ -20,15 +29,16 @@ from typing import Sequence
 
 import torch
 
-from algorithms.losses import NLLLoss
 from core import dist
-from core.batch import Batch
-from core.config import to_yaml
-from core.data import PromptDataset, PromptRow, PromptStream
+from core.config import flatten, to_yaml
+from core.data import ShardedSampler, read_prompts, read_sft_pairs
 from core.evaluate import evaluate
 from core.hybrid import HybridConfig, HybridEngine
+from core.lora import LoraConfig, apply_lora
 from core.models import ModelConfig, build_model, dtype_of, load_tokenizer, save_hf_folder, shard_model
+from core.packing import PackedNLL, SFTExample, encode_examples, pack
 from core.tasks import build_task, char_tokenizer
+from core.tracking import Tracker, TrackingConfig
 from launch.config import DataConfig, EvalConfig, RunConfig
 from launch.entry import run_entry
 from roles.actor import Actor
@@ -39,77 +49,147 @@ logger = logging.getLogger("launch.sft")
 
 
 @dataclass(kw_only=True, slots=True)
+class SFTOptions:
+    response_key: str = "response"
+    """Field of the target response in data.train_files (the prompt field is data.format.prompt_key)."""
+    max_seq_len: int = 4096
+    """Tokens per packed row; longer examples are dropped and counted."""
+    pack: bool = True
+    """Pack several examples per row (False: one example per row, right-padded)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass(kw_only=True, slots=True)
 class SFTConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    """data.prompts_per_step is the global number of (prompt, answer) pairs per step."""
+    """data.prompts_per_step is the global number of examples per step."""
+    sft: SFTOptions = field(default_factory=SFTOptions)
     actor: Actor.Config = field(default_factory=Actor.Config)
+    """actor.micro_batch_size counts packed rows."""
     rollout: Rollout.Config = field(default_factory=Rollout.Config)
     """Only max_new_tokens and dtype matter: evaluation is greedy."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-def with_targets(prompts: Batch, targets: list[str], tokenizer, device: torch.device) -> Batch:
-    """Add each prompt's supervised target (+ EOS) as its response."""
-    seqs = [tokenizer.encode(t, add_special_tokens=False) + [tokenizer.eos_token_id] for t in targets]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return prompts.with_fields(response_ids=ids, response_mask=mask).to(device)
+class ExampleSource:
+    """This rank's examples for each step: from files (a seeded per-epoch permutation, sharded
+    over ranks) or from the built-in task and its teacher."""
+
+    def __init__(self, cfg: SFTConfig, tokenizer, *, rank: int, world_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.per_rank = cfg.data.prompts_per_step // world_size
+        if self.per_rank < 1 or cfg.data.prompts_per_step % world_size:
+            raise ValueError(f"data.prompts_per_step={cfg.data.prompts_per_step} must be a positive "
+                             f"multiple of the world size {world_size}")
+        self.max_len = cfg.sft.max_seq_len
+        self.task = None
+        if cfg.data.train_files:
+            pairs = [p for f in cfg.data.train_files
+                     for p in read_sft_pairs(f, cfg.data.format, cfg.sft.response_key, tokenizer)]
+            self.examples = encode_examples(pairs, tokenizer, max_len=self.max_len)
+            n = len(self.examples)
+        else:
+            self.task = build_task(cfg.data.task)
+            self.teacher = random.Random(cfg.run.seed * 1009 + rank)
+            n = len(self.task.train)
+        self.sampler = ShardedSampler(n, rank=rank, world_size=world_size, seed=cfg.run.seed,
+                                      shuffle=cfg.data.shuffle)
+        self._it = iter(self.sampler)
+
+    def _indices(self) -> list[int]:
+        out = []
+        while len(out) < self.per_rank:
+            try:
+                out.append(next(self._it))
+            except StopIteration:
+                self.sampler.set_epoch(self.sampler.epoch + 1)
+                self._it = iter(self.sampler)
+        return out
+
+    def next(self) -> list[SFTExample]:
+        idx = self._indices()
+        if self.task is None:
+            return [self.examples[i] for i in idx]
+        rows = [self.task.train[i] for i in idx]
+        pairs = [(r.prompt, self.task.teacher_answer(r, self.teacher)) for r in rows]
+        return encode_examples(pairs, self.tokenizer, max_len=self.max_len)
 
 
 def train(cfg: SFTConfig) -> list[dict[str, float]]:
     info = dist.info()
     tokenizer = load_tokenizer(cfg.model) or char_tokenizer()
-    task = build_task(cfg.data.task)
+    source = ExampleSource(cfg, tokenizer, rank=info.rank, world_size=info.world_size)
+    held_out = ([r for f in cfg.data.eval_files for r in read_prompts(f, cfg.data.format, tokenizer)]
+                if cfg.data.eval_files else build_task(cfg.data.task).eval)
     model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.run.seed)
-    actor = Actor(cfg.actor, shard_model(model, dist.mesh()).to(info.device), total_steps=cfg.run.steps)
+    if cfg.sft.lora.enabled:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.run.seed)
+            model = apply_lora(model, cfg.sft.lora)
+    param_dtype = dtype_of(cfg.actor.param_dtype)
+    model = shard_model(model, dist.mesh(), param_dtype=None if param_dtype == torch.float32 else param_dtype)
+    actor = Actor(cfg.actor, model.to(info.device), total_steps=cfg.run.steps)
     rollout = Rollout.build(cfg.rollout, build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.run.seed),
                             tokenizer, device=info.device, seed=cfg.run.seed, rank=info.rank,
                             dtype=dtype_of(cfg.rollout.dtype))
     hybrid = HybridEngine(HybridConfig(), actor=actor, rollout=rollout,
                           engine_dtype=dtype_of(cfg.rollout.dtype), device=info.device)
     reward = Reward(Reward.Config(), device=info.device)
-    stream = PromptStream(PromptDataset(task.train, tokenizer, max_prompt_len=cfg.data.max_prompt_len),
-                          batch_size=cfg.data.prompts_per_step // info.world_size, rank=info.rank,
-                          world_size=info.world_size, seed=cfg.run.seed, pad_id=tokenizer.pad_token_id)
     out = Path(cfg.run.output_dir)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(to_yaml(cfg))
-    history = []
+        (out / "metrics.jsonl").write_text("")
+    tracker = Tracker(cfg.tracking, output_dir=out, is_main=info.is_main)
+    tracker.log_params(flatten(cfg))
+    trainable = sum(p.numel() for p in actor.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in actor.model.parameters())
+    logger.info("trainable parameters: %d of %d (%s)", trainable, total,
+                "LoRA" if cfg.sft.lora.enabled else "full")
+    history: list[dict[str, float]] = []
+    loss_fn = PackedNLL(actor.model)
 
-    def eval_now() -> float:
-        hybrid.sync_weights()
-        return evaluate(rollout, reward, task.eval, tokenizer, batch_size=cfg.eval.batch_size,
-                        max_new_tokens=cfg.rollout.max_new_tokens,
-                        max_prompt_len=cfg.data.max_prompt_len)["eval/accuracy"]
-
-    t0 = time.perf_counter()
-    loss_fn = NLLLoss()
-    teacher_rng = random.Random(cfg.run.seed * 1009 + info.rank)
-    for step in range(1, cfg.run.steps + 1):
-        prompts = next(stream)
-        targets = [task.teacher_answer(PromptRow(p, a, s), teacher_rng) for p, a, s in
-                   zip(prompts.prompt_text, prompts.ground_truth, prompts.data_source)]
-        batch = with_targets(prompts, targets, tokenizer, info.device)
-        metrics = actor.update(batch, loss_fn=loss_fn).metrics
-        row = {"step": step, "sft/nll": metrics["actor/nll"], "actor/lr": metrics["actor/lr"]}
-        if step == cfg.run.steps or (cfg.eval.every and step % cfg.eval.every == 0):
-            row["eval/accuracy"] = eval_now()
+    def record(row: dict[str, float]) -> None:
         history.append(row)
+        if info.is_main:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
+
+    def eval_now() -> dict[str, float]:
+        hybrid.sync_weights()
+        return evaluate(rollout, reward, held_out, tokenizer, batch_size=cfg.eval.batch_size,
+                        max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                        max_prompt_len=cfg.data.max_prompt_len)
+
+    hybrid.sync_weights(force=True)
+    record({"step": 0, **eval_now()})
+    t0 = time.perf_counter()
+    for step in range(1, cfg.run.steps + 1):
+        t_step = time.perf_counter()
+        rows = pack(source.next(), max_len=cfg.sft.max_seq_len, pad_id=tokenizer.pad_token_id,
+                    packed=cfg.sft.pack).to(info.device)
+        m = actor.train_state.update(rows, loss_fn)
+        seconds = time.perf_counter() - t_step
+        row = {"step": step, "sft/nll": m["nll"], "sft/tokens": m["tokens"], "sft/rows": m["rows"],
+               "actor/lr": m["lr"], "actor/grad_norm": m["grad_norm"], "timing_s/step": seconds,
+               "perf/tokens_per_s": float(rows.packed_ids.numel()) * info.world_size / seconds}
+        if step == cfg.run.steps or (cfg.eval.every and step % cfg.eval.every == 0):
+            row.update(eval_now())
+        record(row)
         if info.is_main:
             logger.info("step %d/%d | nll %.4f%s | %.0f s", step, cfg.run.steps, row["sft/nll"],
                         f" | eval/acc {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else "",
                         time.perf_counter() - t0)
-    save_hf_folder(actor.model, tokenizer, out / "hf", is_main=info.is_main)
+    save_hf_folder(actor.model, tokenizer, out / "hf", is_main=info.is_main,
+                   lora=cfg.sft.lora if cfg.sft.lora.enabled else None)
     if info.is_main:
-        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
-        logger.info("saved %s", out / "hf")
+        logger.info("saved %s; eval/accuracy %.3f -> %.3f", out / "hf",
+                    history[0]["eval/accuracy"], history[-1]["eval/accuracy"])
+    tracker.finish()
     return history
 
 

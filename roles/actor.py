@@ -3,7 +3,7 @@
 Operations: `log_probs(batch)` (no grad), `update(batch, loss_fn)` (core/optim.py: mini-batches
 x epochs of micro-batched forward/backward, gradient clipping, AdamW, LR schedule; the loss
 scaling contract is described there), `export_weights()` (full tensors, bucket by bucket, for
-the rollout engine).
+the rollout engine; LoRA adapters, if any, folded in).
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 from core.batch import Batch, GlobalCounts
 from core.graph import Result
+from core.lora import lora_scalings, merged_buckets
 from core.models import batched_logprobs, token_logprobs
 from core.optim import OptimConfig, TrainState
 from core.reshard import full_weight_buckets
@@ -37,6 +38,8 @@ class Actor:
         self.model = model
         self.temperature = temperature
         self.train_state = TrainState(model, cfg, total_steps=total_steps)
+        self.lora_scalings = lora_scalings(model)
+        """LoRA adapters (peft) to fold into the exported weights; empty for a plain model."""
 
     @property
     def version(self) -> int:
@@ -73,4 +76,5 @@ class Actor:
     def export_weights(self, *, bucket_bytes: int, dtype: torch.dtype | None = None
                        ) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Full weights in buckets of about bucket_bytes (a collective: call on every rank)."""
-        return full_weight_buckets(self.model, bucket_bytes=bucket_bytes, dtype=dtype)
+        buckets = full_weight_buckets(self.model, bucket_bytes=bucket_bytes, dtype=dtype)
+        return merged_buckets(buckets, self.lora_scalings) if self.lora_scalings else buckets
