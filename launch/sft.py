@@ -9,8 +9,9 @@ Training: the same FSDP2 actor, optimizer and schedule as RL; examples packed in
 only. Full fine-tuning, or LoRA adapters through peft (`sft.lora.enabled=true`).
 
 Evaluation: held-out accuracy (greedy, same engine and scorer as RL) before step 1, every
-`eval.every` steps and at the end, on `data.eval_files` or the task's held-out split. LoRA
-adapters are folded into the weights streamed to the engine.
+`eval.every` steps and at the end, on `data.eval_files`, or the task's held-out split when
+training on the task. LoRA adapters are folded into the weights streamed to the engine.
+Benchmarks (pass@k etc.) are for launch.eval on the output folder.
 
 Output in run.output_dir: `hf/` (a Hugging Face folder, LoRA merged, that `model.path` of
 launch.train and launch.eval takes), `adapter/` (the peft adapter, LoRA only), metrics.jsonl,
@@ -122,8 +123,10 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
     info = dist.info()
     tokenizer = load_tokenizer(cfg.model) or char_tokenizer()
     source = ExampleSource(cfg, tokenizer, rank=info.rank, world_size=info.world_size)
-    held_out = ([r for f in cfg.data.eval_files for r in read_prompts(f, cfg.data.format, tokenizer)]
-                if cfg.data.eval_files else build_task(cfg.data.task).eval)
+    if cfg.data.eval_files:
+        held_out = [r for f in cfg.data.eval_files for r in read_prompts(f, cfg.data.format, tokenizer)]
+    else:  # the task's split; none when training on files (evaluate benchmarks with launch.eval)
+        held_out = None if cfg.data.train_files else build_task(cfg.data.task).eval
     model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.run.seed)
     if cfg.sft.lora.enabled:
         with torch.random.fork_rng(devices=[]):
@@ -160,6 +163,8 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
 
     def eval_now() -> dict[str, float]:
+        if held_out is None:
+            return {}
         hybrid.sync_weights()
         return evaluate(rollout, reward, held_out, tokenizer, batch_size=cfg.eval.batch_size,
                         max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
@@ -187,8 +192,9 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
     save_hf_folder(actor.model, tokenizer, out / "hf", is_main=info.is_main,
                    lora=cfg.sft.lora if cfg.sft.lora.enabled else None)
     if info.is_main:
-        logger.info("saved %s; eval/accuracy %.3f -> %.3f", out / "hf",
-                    history[0]["eval/accuracy"], history[-1]["eval/accuracy"])
+        accuracy = [r["eval/accuracy"] for r in history if "eval/accuracy" in r]
+        logger.info("saved %s%s", out / "hf", f"; eval/accuracy {accuracy[0]:.3f} -> {accuracy[-1]:.3f}"
+                    if accuracy else "")
     tracker.finish()
     return history
 

@@ -128,3 +128,25 @@ if "scripted" not in ENGINES:
 
         def wake(self):
             pass
+
+
+@pytest.mark.dist
+def test_benchmarks_are_evaluated_during_training(tmp_path):
+    """eval.benchmarks during launch.train: eval/<set>/<metric> at step 0, every eval.every
+    steps and at the end, in metrics.jsonl and in MLflow."""
+    out = tmp_path / "run"
+    torchrun("configs/quickstart.yaml", f"run.output_dir={out}", "run.steps=2", "eval.every=0",
+             "data.prompts_per_step=8", "rollout.n=2", "data.task.train_size=500",
+             "data.task.eval_size=20", "data.max_prompt_len=4096", "data.format.chat_template=false",
+             "eval.benchmarks=[amc23]", "eval.n=2", "eval.k=[1,2]", "eval.max_new_tokens=4")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/amc23/pass@2" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    for r in evals:
+        assert {"eval/amc23/pass@1", "eval/amc23/avg@2", "eval/amc23/maj@2", "eval/accuracy"} <= set(r)
+        assert r["eval/amc23/n_problems"] == 40
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    run = client.search_runs(client.search_experiments()[0].experiment_id)[0]
+    # MLflow keys cannot hold "@": pass@1 is logged as pass_1 there
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/amc23/pass_1")] == [0, 2]
