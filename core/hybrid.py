@@ -58,11 +58,13 @@ class HybridEngine:
             return {}
         t0 = time.perf_counter()
         received, buckets = 0, 0
+        getattr(self.rollout, "begin_weight_update", _nothing)()
         for bucket in self.actor.export_weights(bucket_bytes=int(self.cfg.bucket_mb * 2**20),
                                                 dtype=self.engine_dtype):
             received += self.rollout.load_weights(bucket)
             buckets += 1
             del bucket  # free the gathered copies before the next all-gather
+        getattr(self.rollout, "end_weight_update", _nothing)()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
@@ -81,3 +83,7 @@ class HybridEngine:
                f"memory/{leaving.value}_peak_reserved_gb": torch.cuda.max_memory_reserved(self.device) / 1e9}
         torch.cuda.reset_peak_memory_stats(self.device)
         return out
+
+
+def _nothing() -> None:
+    pass

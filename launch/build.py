@@ -20,7 +20,7 @@ from core.curriculum import CurriculumStream, difficulty_levels, length_levels
 from core.data import PROMPT_FIELDS, PromptDataset, PromptStream, collate_prompts, read_prompts
 from core.graph import Graph, Plan, as_plan
 from core.hybrid import HybridEngine
-from core.models import build_model, dtype_of, load_tokenizer, shard_model
+from core.models import ModelConfig, build_model, dtype_of, load_tokenizer, shard_model
 from core.tasks import Task, build_task, char_tokenizer
 from launch.config import JobConfig
 from roles.actor import Actor
@@ -123,6 +123,13 @@ def load_prompts(cfg: JobConfig, tokenizer) -> Task:
     return Task(cfg=cfg.data.task, train=train, eval=held_out)
 
 
+def engine_model(model: ModelConfig, rollout: Rollout.Config, vocab: int, seed: int):
+    """The rollout engine's own copy of the policy; None for sglang, which loads model.path."""
+    if rollout.engine == "sglang":
+        return None
+    return build_model(model, vocab_size=vocab, seed=seed)
+
+
 def build_roles(cfg: JobConfig, used: set[str], tokenizer) -> dict[str, Any]:
     """The actor, rollout and reward always (training, syncing, evaluating need them); the
     reference and any other role only when a node uses it."""
@@ -144,9 +151,9 @@ def build_roles(cfg: JobConfig, used: set[str], tokenizer) -> dict[str, Any]:
 
     roles: dict[str, Any] = {
         "actor": Actor(cfg.actor, policy(), total_steps=cfg.run.steps, temperature=temperature),
-        "rollout": Rollout.build(cfg.rollout, build_model(cfg.model, vocab_size=vocab, seed=cfg.run.seed),
+        "rollout": Rollout.build(cfg.rollout, engine_model(cfg.model, cfg.rollout, vocab, cfg.run.seed),
                                  tokenizer, device=info.device, seed=cfg.run.seed, rank=info.rank,
-                                 dtype=dtype_of(cfg.rollout.dtype)),
+                                 dtype=dtype_of(cfg.rollout.dtype), model_path=cfg.model.path),
         "reward": Reward(cfg.reward, device=info.device),
     }
     if "reference" in used:

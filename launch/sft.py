@@ -40,6 +40,7 @@ from core.models import ModelConfig, build_model, dtype_of, load_tokenizer, save
 from core.packing import PackedNLL, SFTExample, encode_examples, pack
 from core.tasks import build_task, char_tokenizer
 from core.tracking import Tracker, TrackingConfig
+from launch.build import engine_model
 from launch.config import DataConfig, EvalConfig, RunConfig
 from launch.entry import run_entry
 from roles.actor import Actor
@@ -135,9 +136,9 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
     param_dtype = dtype_of(cfg.actor.param_dtype)
     model = shard_model(model, dist.mesh(), param_dtype=None if param_dtype == torch.float32 else param_dtype)
     actor = Actor(cfg.actor, model.to(info.device), total_steps=cfg.run.steps)
-    rollout = Rollout.build(cfg.rollout, build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.run.seed),
+    rollout = Rollout.build(cfg.rollout, engine_model(cfg.model, cfg.rollout, len(tokenizer), cfg.run.seed),
                             tokenizer, device=info.device, seed=cfg.run.seed, rank=info.rank,
-                            dtype=dtype_of(cfg.rollout.dtype))
+                            dtype=dtype_of(cfg.rollout.dtype), model_path=cfg.model.path)
     hybrid = HybridEngine(HybridConfig(), actor=actor, rollout=rollout,
                           engine_dtype=dtype_of(cfg.rollout.dtype), device=info.device)
     reward = Reward(Reward.Config(), device=info.device)

@@ -9,6 +9,7 @@ from typing import Iterable
 import torch
 
 import roles.torch_engine  # noqa: F401  (registers the "torch" engine)
+from roles.sglang_engine import SGLangConfig  # registers "sglang"; imports sglang only when used
 from core.batch import Batch
 from roles.engine import Engine, SamplingParams, get_engine
 
@@ -19,7 +20,8 @@ class Rollout:
     @dataclass(kw_only=True, slots=True)
     class Config:
         engine: str = "torch"
-        """Inference engine: "torch" (built in; CPU and small GPU runs)."""
+        """Inference engine: "torch" (built in; CPU and GPU) or "sglang" (GPU; pip install
+        'rolegraph[sglang]')."""
         n: int = 8
         """Samples per prompt (the GRPO group size)."""
         temperature: float = 1.0
@@ -31,6 +33,8 @@ class Rollout:
         """Extra stop tokens (each must be one token of the vocabulary); EOS always stops."""
         dtype: str = "float32"
         """Engine weight dtype; actor weights are cast to it at every sync."""
+        sglang: SGLangConfig = field(default_factory=SGLangConfig)
+        """Options of the sglang engine (roles/sglang_engine.py; GPU only)."""
 
     def __init__(self, cfg: Config, engine: Engine, tokenizer, *, seed: int, rank: int) -> None:
         self.cfg = cfg
@@ -44,9 +48,15 @@ class Rollout:
 
     @classmethod
     def build(cls, cfg: Config, model, tokenizer, *, device: torch.device, seed: int,
-              rank: int, dtype: torch.dtype) -> Rollout:
+              rank: int, dtype: torch.dtype, model_path: str | None = None) -> Rollout:
+        """The configured engine on `model` (the `torch` engine's own copy of the policy), or
+        for `sglang`, an engine started from the folder `model_path` (model is then unused)."""
+        extra = {}
+        if cfg.engine == "sglang":
+            extra = {"model_path": model_path, "options": cfg.sglang, "seed": seed,
+                     "stop_token_ids": _stop_ids(tokenizer, cfg.stop)}
         engine = get_engine(cfg.engine)(model, pad_token_id=tokenizer.pad_token_id,
-                                        device=device, dtype=dtype)
+                                        device=device, dtype=dtype, **extra)
         return cls(cfg, engine, tokenizer, seed=seed, rank=rank)
 
     def sampling(self, **overrides) -> SamplingParams:
@@ -77,6 +87,14 @@ class Rollout:
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         return self.engine.load_weights(named_tensors)
+
+    def begin_weight_update(self) -> None:
+        """Before a sync's first bucket (SGLang: its weight memory comes back)."""
+        getattr(self.engine, "begin_weight_update", lambda: None)()
+
+    def end_weight_update(self) -> None:
+        """After a sync's last bucket (SGLang: cache flushed, KV cache memory back)."""
+        getattr(self.engine, "end_weight_update", lambda: None)()
 
     def sleep(self) -> None:
         self.engine.sleep()

@@ -1,0 +1,251 @@
+"""The `sglang` rollout engine: an in-process `sglang.Engine` behind the `torch` engine's interface.
+
+Written against sglang 0.5.21 (the newest release of the `rolegraph[sglang]` range in setup.cfg).
+Every call below was checked against that release's source: tools/sglang_api.py records the
+signatures from the wheel into tests/data/sglang_api_0.5.21.json, and tests/test_sglang_engine.py
+drives this adapter against a stand-in that accepts exactly those parameters. SGLang's kernels
+are CUDA-only, so this engine has NOT run on real hardware in this repository (docs/gpu.md).
+
+Layout: `rollout.sglang.tp_size` = T ranks form one tensor-parallel group; the group's first
+rank (the leader) owns the `sglang.Engine` (which starts T schedulers on GPUs
+base_gpu_id .. base_gpu_id+T-1, the GPUs of the group's ranks); data-parallel replicas =
+world size / T. In a group, prompts are gathered to the leader, generated together, and the
+results scattered back.
+
+Weights: full tensors (core/reshard.py; SGLang slices them itself for its TP workers) go to
+`update_weights_from_tensor` bucket by bucket, as one flattened bucket per call where the
+release has `FlattenedTensorBucket` (load_format="flattened_bucket"), with the cache flushed
+once after the last bucket. Memory: `release_memory_occupation` (weights, KV cache, CUDA graphs)
+when training takes the GPU; `resume_memory_occupation(["weights"])` before a sync and
+`["kv_cache", "cuda_graph"]` after it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as tdist
+
+from roles.engine import Generation, SamplingParams, register_engine
+
+logger = logging.getLogger(__name__)
+
+TAGS_BEFORE_SYNC = ["weights"]
+TAGS_AFTER_SYNC = ["kv_cache", "cuda_graph"]
+ALL_TAGS = ["weights", "kv_cache", "cuda_graph"]
+INSTALL = ("the sglang engine needs SGLang and a CUDA GPU: pip install 'rolegraph[sglang]' "
+           "(sglang 0.5.18-0.5.21, which pin torch 2.13.0) on a CUDA machine; on CPU use "
+           "rollout.engine=torch")
+
+
+@dataclass(kw_only=True, slots=True)
+class SGLangConfig:
+    tp_size: int = 1
+    """Ranks per tensor-parallel engine; data-parallel replicas = world size / tp_size."""
+    mem_fraction_static: float = 0.5
+    """Share of GPU memory SGLang reserves for weights + KV cache (the rest is training's)."""
+    cuda_graph: bool = True
+    memory_saver: bool = True
+    """enable_memory_saver: lets release/resume_memory_occupation free and restore memory."""
+    flattened_bucket: bool = True
+    """One flattened tensor per weight bucket (fewer IPC handles), where the release supports it."""
+    server_args: dict[str, Any] = field(default_factory=dict)
+    """Extra sglang.Engine (ServerArgs) keyword arguments, e.g. {attention_backend: fa3}."""
+
+
+def import_sglang():
+    """sglang, or an ImportError that says what to install."""
+    try:
+        import sglang
+    except ImportError as e:
+        raise ImportError(INSTALL) from e
+    return sglang
+
+
+def check_runtime(device: torch.device) -> None:
+    """Fail at start-up, saying what to install, where SGLang cannot run."""
+    if device.type != "cuda":
+        raise RuntimeError(f"rollout.engine=sglang on device {device.type!r}: {INSTALL}")
+    import_sglang()
+
+
+def engine_kwargs(cfg: SGLangConfig, *, model_path: str, dtype: torch.dtype, base_gpu_id: int,
+                  seed: int) -> dict[str, Any]:
+    """The sglang.Engine (ServerArgs) arguments of one engine."""
+    names = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+    return {"model_path": model_path, "dtype": names[dtype], "tp_size": cfg.tp_size,
+            "base_gpu_id": base_gpu_id, "mem_fraction_static": cfg.mem_fraction_static,
+            "enable_memory_saver": cfg.memory_saver, "disable_cuda_graph": not cfg.cuda_graph,
+            "random_seed": seed, "skip_tokenizer_init": True, "log_level": "error",
+            **cfg.server_args}
+
+
+def sampling_dicts(sampling: SamplingParams, n_prompts: int, stop_token_ids: Sequence[int]
+                   ) -> list[dict[str, Any]]:
+    """One SGLang sampling-params dict per request (each prompt repeated n times, adjacent)."""
+    out = []
+    for i in range(n_prompts * sampling.n):
+        out.append({
+            "temperature": sampling.temperature,   # 0: SGLang decodes greedily
+            "top_p": sampling.top_p,
+            "top_k": sampling.top_k if sampling.top_k > 0 else -1,
+            "max_new_tokens": sampling.max_new_tokens,
+            "stop_token_ids": list(stop_token_ids),
+            "skip_special_tokens": False,
+            "no_stop_trim": True,                  # keep the stop token: it is trained on
+            "sampling_seed": (sampling.seed * 1_000_003 + i) % (2**31),
+        })
+    return out
+
+
+def to_generation(outputs: list[dict[str, Any]], pad_token_id: int) -> Generation:
+    """SGLang's per-request dicts (output_ids, meta_info.output_token_logprobs as
+    (logprob, token id, text) triples, meta_info.finish_reason.type) as a Generation."""
+    width = max(1, max(len(o["output_ids"]) for o in outputs))
+    N = len(outputs)
+    ids = torch.full((N, width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((N, width), dtype=torch.long)
+    logp = torch.zeros((N, width), dtype=torch.float32)
+    reasons = []
+    for i, o in enumerate(outputs):
+        toks = o["output_ids"]
+        lps = [lp for lp, _tid, _text in o["meta_info"]["output_token_logprobs"]]
+        if len(lps) != len(toks):
+            raise ValueError(f"SGLang returned {len(toks)} tokens but {len(lps)} log-probs")
+        ids[i, :len(toks)] = torch.tensor(toks, dtype=torch.long)
+        mask[i, :len(toks)] = 1
+        logp[i, :len(toks)] = torch.tensor(lps, dtype=torch.float32)
+        reason = (o["meta_info"].get("finish_reason") or {}).get("type", "length")
+        if reason == "abort":
+            raise RuntimeError(f"SGLang aborted a request: {o['meta_info']['finish_reason']}")
+        reasons.append("stop" if reason == "stop" else "length")
+    return Generation(response_ids=ids, response_mask=mask, logp=logp, finish_reason=reasons)
+
+
+@register_engine("sglang")
+class SGLangEngine:
+    def __init__(self, model: Any, *, pad_token_id: int, device: torch.device,
+                 dtype: torch.dtype = torch.bfloat16, model_path: str | None = None,
+                 options: SGLangConfig | None = None, seed: int = 0,
+                 stop_token_ids: Sequence[int] = ()) -> None:
+        cfg = options or SGLangConfig()
+        check_runtime(device)
+        if not model_path:
+            raise ValueError("rollout.engine=sglang needs model.path (a local Hugging Face folder "
+                             "SGLang starts from; the actor's weights replace them at every sync)")
+        self.sglang = import_sglang()
+        self.cfg = cfg
+        self.pad_token_id = pad_token_id
+        self.device = device
+        self.stop_token_ids = tuple(stop_token_ids)
+        rank, world = (tdist.get_rank(), tdist.get_world_size()) if tdist.is_initialized() else (0, 1)
+        if world % cfg.tp_size:
+            raise ValueError(f"rollout.sglang.tp_size={cfg.tp_size} must divide the world size {world}")
+        self.tp_rank = rank % cfg.tp_size
+        leaders = list(range(0, world, cfg.tp_size))
+        self.group = None
+        for first in leaders:  # every rank creates every group, in the same order
+            g = tdist.new_group(list(range(first, first + cfg.tp_size))) if cfg.tp_size > 1 else None
+            if first == rank - self.tp_rank:
+                self.group, self.leader_rank = g, first
+        self.engine = None
+        if self.tp_rank == 0:
+            self.engine = self.sglang.Engine(**engine_kwargs(
+                cfg, model_path=model_path, dtype=dtype, base_gpu_id=device.index or 0, seed=seed))
+        self._bucket_cls = self._serializer = None
+        if cfg.flattened_bucket:
+            try:
+                from sglang.srt.utils import MultiprocessingSerializer
+                from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
+                self._bucket_cls, self._serializer = FlattenedTensorBucket, MultiprocessingSerializer
+            except ImportError:
+                logger.warning("this sglang has no FlattenedTensorBucket; sending tensors one by one")
+
+    # --- weights -------------------------------------------------------------------------------
+
+    def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
+        raise NotImplementedError("SGLang's weights live in its own processes; compare through generate()")
+
+    def begin_weight_update(self) -> None:
+        if self.engine is not None:
+            self.engine.resume_memory_occupation(tags=TAGS_BEFORE_SYNC)
+            if hasattr(self.engine, "begin_weight_update"):  # 0.5.21: a session around updates
+                self.engine.begin_weight_update()
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """One bucket of full tensors into the engine (leader only; the group's other ranks hold
+        the same full tensors after the FSDP all-gather and send nothing)."""
+        named = [(n, t.to(self.device, non_blocking=True)) for n, t in named_tensors]
+        received = sum(t.numel() * t.element_size() for _, t in named)
+        if self.engine is None or not named:
+            return received
+        if self._bucket_cls is not None:
+            bucket = self._bucket_cls(named_tensors=named)
+            payload = self._serializer.serialize({"flattened_tensor": bucket.get_flattened_tensor(),
+                                                  "metadata": bucket.get_metadata()}, output_str=True)
+            self.engine.update_weights_from_tensor(named_tensors=[payload] * self.cfg.tp_size,
+                                                   load_format="flattened_bucket", flush_cache=False)
+        else:
+            self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=False)
+        return received
+
+    def end_weight_update(self) -> None:
+        if self.engine is not None:
+            if hasattr(self.engine, "end_weight_update"):
+                self.engine.end_weight_update()
+            self.engine.flush_cache()
+            self.engine.resume_memory_occupation(tags=TAGS_AFTER_SYNC)
+
+    # --- memory --------------------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        if self.engine is not None:
+            self.engine.release_memory_occupation(tags=ALL_TAGS)
+
+    def wake(self) -> None:
+        """Nothing: memory comes back in begin/end_weight_update around every sync."""
+
+    # --- generation ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                 sampling: SamplingParams) -> Generation:
+        prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
+        groups = self._gather(prompts)
+        outputs: list[list[dict]] | None = None
+        if self.engine is not None:
+            flat = [p for g in groups for p in g]
+            repeated = [p for p in flat for _ in range(sampling.n)]
+            result = self.engine.generate(
+                input_ids=repeated, sampling_params=sampling_dicts(sampling, len(flat), self.stop_token_ids),
+                return_logprob=True)
+            outputs, start = [], 0
+            for g in groups:
+                outputs.append(result[start:start + len(g) * sampling.n])
+                start += len(g) * sampling.n
+        mine = self._scatter(outputs)
+        gen = to_generation(mine, self.pad_token_id)
+        return Generation(response_ids=gen.response_ids.to(self.device),
+                          response_mask=gen.response_mask.to(self.device),
+                          logp=gen.logp.to(self.device), finish_reason=gen.finish_reason)
+
+    def _gather(self, prompts: list[list[int]]) -> list[list[list[int]]]:
+        if self.group is None:
+            return [prompts]
+        out = [None] * self.cfg.tp_size if self.tp_rank == 0 else None
+        tdist.gather_object(prompts, out, dst=self.leader_rank, group=self.group)
+        return out if out is not None else []
+
+    def _scatter(self, outputs: list[list[dict]] | None) -> list[dict]:
+        if self.group is None:
+            return outputs[0]
+        got = [None]
+        tdist.scatter_object_list(got, outputs, src=self.leader_rank, group=self.group)
+        return got[0]
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
