@@ -1,8 +1,10 @@
 """The hybrid engine: training and generation take turns on one device.
 
-TRAIN -> GENERATE: if the actor stepped since the last sync, its weights stream from the FSDP2
-shards into the rollout engine bucket by bucket (core/reshard.py), then the engine wakes.
-GENERATE -> TRAIN: the engine sleeps. Every switch is timed; every sync reports bytes, seconds
+TRAIN -> GENERATE: training state steps aside (on CUDA: optimizer states, optionally
+parameters, to CPU; core/offload.py); if the actor stepped since the last sync, its weights
+stream from the FSDP2 shards into the rollout engine bucket by bucket (core/reshard.py), then the
+engine wakes. GENERATE -> TRAIN: the engine sleeps (SGLang releases its memory) and training
+state comes back. Every switch is timed; every sync reports bytes, seconds
 and GB/s, under `reshard/*`, and peak device memory of each phase under `memory/*` (CUDA only).
 """
 from __future__ import annotations
@@ -23,16 +25,22 @@ logger = logging.getLogger(__name__)
 class HybridConfig:
     bucket_mb: float = 64.0
     """Size of one weight bucket streamed into the engine during a sync."""
+    offload_optimizer: bool = True
+    """On CUDA: optimizer states go to CPU during generation (core/offload.py)."""
+    offload_params: bool = False
+    """On CUDA: the sharded parameters go to CPU during generation too."""
 
 
 class HybridEngine:
     def __init__(self, cfg: HybridConfig, *, actor: Any, rollout: Any, engine_dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, handoff: Any = None) -> None:
         self.cfg = cfg
         self.actor = actor
         self.rollout = rollout
         self.engine_dtype = engine_dtype
         self.device = device
+        self.handoff = handoff
+        """core.offload.MemoryHandoff: training state off the device while generating."""
         self.phase = Phase.TRAIN
         self.synced_version: int | None = None
         self.last_sync: dict[str, float] = {}
@@ -44,10 +52,14 @@ class HybridEngine:
         t0 = time.perf_counter()
         metrics = self._memory_metrics(self.phase)
         if phase is Phase.GENERATE:
+            if self.handoff is not None:
+                metrics.update(self.handoff.to_generate())
             metrics.update(self.sync_weights())
             self.rollout.wake()
         else:
             self.rollout.sleep()
+            if self.handoff is not None:
+                metrics.update(self.handoff.to_train())
         self.phase = phase
         metrics[f"timing_s/switch_to_{phase.value}"] = time.perf_counter() - t0
         return metrics

@@ -20,6 +20,7 @@ from core.curriculum import CurriculumStream, difficulty_levels, length_levels
 from core.data import PROMPT_FIELDS, PromptDataset, PromptStream, collate_prompts, read_prompts
 from core.graph import Graph, Plan, as_plan
 from core.hybrid import HybridEngine
+from core.offload import MemoryHandoff
 from core.models import ModelConfig, build_model, dtype_of, load_tokenizer, shard_model
 from core.tasks import Task, build_task, char_tokenizer
 from launch.config import JobConfig
@@ -68,8 +69,12 @@ def build_job(cfg: JobConfig) -> Job:
                          world_size=info.world_size, seed=cfg.run.seed, pad_id=tokenizer.pad_token_id,
                          shuffle=cfg.data.shuffle)
     roles = build_roles(cfg, plan.roles(), tokenizer)
+    trained = [r for r in (roles["actor"], roles.get("critic")) if r is not None]
+    handoff = MemoryHandoff(optimizers=[r.train_state.optimizer for r in trained], modules=[r.model for r in trained],
+                            device=info.device, offload_optimizer=cfg.hybrid.offload_optimizer,
+                            offload_params=cfg.hybrid.offload_params)
     hybrid = HybridEngine(cfg.hybrid, actor=roles["actor"], rollout=roles["rollout"],
-                          engine_dtype=dtype_of(cfg.rollout.dtype), device=info.device)
+                          engine_dtype=dtype_of(cfg.rollout.dtype), device=info.device, handoff=handoff)
     cur = cfg.data.curriculum
     if cur.kind == "none":
         stream: PromptStream | CurriculumStream = PromptStream(dataset, **stream_kwargs)

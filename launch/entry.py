@@ -9,6 +9,7 @@ import torch
 
 from core import dist
 from core.config import load_config, parse_cli, to_yaml
+from core.offload import check_allocator_conf
 
 C = TypeVar("C")
 R = TypeVar("R")
@@ -23,6 +24,9 @@ def run_entry(schema: type[C], body: Callable[[C], R], argv: Sequence[str] | Non
     path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(schema, path, overrides)
     dist.setup_logging(getattr(logging, cfg.run.log_level))
+    rollout = getattr(cfg, "rollout", None)
+    if rollout is not None:  # before CUDA initialises
+        check_allocator_conf(rollout.engine)
     dist.init_distributed(device=cfg.run.device)
     try:
         torch.manual_seed(cfg.run.seed)
