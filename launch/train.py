@@ -38,14 +38,15 @@ def batch_metrics(batch: Batch) -> dict[str, float]:
     sums = dist.all_reduce_scalars({
         "n": float(len(batch)), "reward": float(batch.rewards.double().sum()),
         "reward_sq": float(batch.rewards.double().square().sum()), "len": float(lengths.sum()),
-        "truncated": float(sum(r == "length" for r in batch.finish_reason))})
+        "truncated": float(sum(r == "length" for r in batch.finish_reason)),
+        "prompt": float(batch.prompt_mask.sum())})
     n = sums["n"]
     mean = sums["reward"] / n
     return {"reward/mean": mean, "reward/std": max(sums["reward_sq"] / n - mean**2, 0.0) ** 0.5,
             "response_length/mean": sums["len"] / n,
             "response_length/max": dist.all_reduce_scalars({"m": float(lengths.max())}, "max")["m"],
             "response_length/clip_ratio": sums["truncated"] / n,
-            "perf/response_tokens": sums["len"]}
+            "perf/response_tokens": sums["len"], "perf/prompt_tokens": sums["prompt"]}
 
 
 class Trainer:
