@@ -151,6 +151,8 @@ class SGLangEngine:
             if first == rank - self.tp_rank:
                 self.group, self.leader_rank = g, first
         self.engine = None
+        self.released: set[str] = set()
+        """Memory tags released by sleep() and not yet resumed."""
         if self.tp_rank == 0:
             self.engine = self.sglang.Engine(**engine_kwargs(
                 cfg, model_path=model_path, dtype=dtype, base_gpu_id=device.index or 0, seed=seed))
@@ -168,11 +170,17 @@ class SGLangEngine:
     def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
         raise NotImplementedError("SGLang's weights live in its own processes; compare through generate()")
 
+    def _resume(self, tags: list[str]) -> None:
+        """Bring back whichever of `tags` are released (each at most once)."""
+        tags = [t for t in tags if t in self.released]
+        if self.engine is not None and tags:
+            self.engine.resume_memory_occupation(tags=tags)
+        self.released -= set(tags)
+
     def begin_weight_update(self) -> None:
-        if self.engine is not None:
-            self.engine.resume_memory_occupation(tags=TAGS_BEFORE_SYNC)
-            if hasattr(self.engine, "begin_weight_update"):  # 0.5.21: a session around updates
-                self.engine.begin_weight_update()
+        self._resume(TAGS_BEFORE_SYNC)
+        if self.engine is not None and hasattr(self.engine, "begin_weight_update"):
+            self.engine.begin_weight_update()  # 0.5.21: a session around updates
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """One bucket of full tensors into the engine (leader only; the group's other ranks hold
@@ -196,16 +204,19 @@ class SGLangEngine:
             if hasattr(self.engine, "end_weight_update"):
                 self.engine.end_weight_update()
             self.engine.flush_cache()
-            self.engine.resume_memory_occupation(tags=TAGS_AFTER_SYNC)
+        self._resume(TAGS_AFTER_SYNC)
 
     # --- memory --------------------------------------------------------------------------------
 
     def sleep(self) -> None:
-        if self.engine is not None:
+        if self.engine is not None and not self.released:
             self.engine.release_memory_occupation(tags=ALL_TAGS)
+        self.released = set(ALL_TAGS)
 
     def wake(self) -> None:
-        """Nothing: memory comes back in begin/end_weight_update around every sync."""
+        """Whatever is still released: all of it when no sync happened (weights unchanged);
+        nothing after a sync, which resumed weights first and the KV cache after."""
+        self._resume(ALL_TAGS)
 
     # --- generation ----------------------------------------------------------------------------
 

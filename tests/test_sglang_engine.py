@@ -220,9 +220,11 @@ def test_adapter_calls_match_sglang_0_5_21(monkeypatch, flattened):
     # one sync of two buckets, as core/hybrid.py drives it
     weights = {"a": torch.randn(3, 4, dtype=torch.bfloat16), "b": torch.arange(5, dtype=torch.bfloat16),
                "c": torch.randn(2, dtype=torch.bfloat16)}
+    engine.sleep()  # training had the GPU
     engine.begin_weight_update()
     sent = engine.load_weights([("a", weights["a"]), ("b", weights["b"])]) + engine.load_weights([("c", weights["c"])])
     engine.end_weight_update()
+    engine.wake()  # everything is back already: no call
     assert sent == sum(t.numel() * 2 for t in weights.values())
     assert fake.weights.keys() == weights.keys()
     for n, t in weights.items():
@@ -236,15 +238,29 @@ def test_adapter_calls_match_sglang_0_5_21(monkeypatch, flattened):
     assert gen.finish_reason == ["length"] * 4
     assert gen.logp[0].tolist() == [-0.25, -0.5, -0.75] and gen.response_mask.sum() == 12
     names = [name for name, _ in fake.calls]
-    assert names == ["__init__", "resume_memory_occupation", "begin_weight_update",
+    assert names == ["__init__", "release_memory_occupation", "resume_memory_occupation", "begin_weight_update",
                      "update_weights_from_tensor", "update_weights_from_tensor", "end_weight_update",
                      "flush_cache", "resume_memory_occupation", "generate",
                      "release_memory_occupation", "shutdown"]
     tags = [args["tags"] for name, args in fake.calls if "memory_occupation" in name]
-    assert tags == [["weights"], ["kv_cache", "cuda_graph"], ["weights", "kv_cache", "cuda_graph"]]
+    assert tags == [["weights", "kv_cache", "cuda_graph"], ["weights"], ["kv_cache", "cuda_graph"],
+                    ["weights", "kv_cache", "cuda_graph"]]
     sampling = next(args for name, args in fake.calls if name == "generate")["sampling_params"]
     assert sampling[0]["top_k"] == -1 and sampling[0]["stop_token_ids"] == [STOP]
     assert len({sp["sampling_seed"] for sp in sampling}) == 4  # one seed per sample
+
+
+def test_waking_without_a_sync_resumes_everything(monkeypatch):
+    """The actor did not step (e.g. evaluation right after generation): no sync, so wake()
+    itself must bring the weights and the KV cache back."""
+    install_stand_in(monkeypatch)
+    engine = make_engine()
+    engine.sleep()
+    engine.sleep()  # already asleep: no second release
+    engine.wake()
+    calls = [(n, a.get("tags")) for n, a in FakeEngine.instances[0].calls[1:]]
+    assert calls == [("release_memory_occupation", ["weights", "kv_cache", "cuda_graph"]),
+                     ("resume_memory_occupation", ["weights", "kv_cache", "cuda_graph"])]
 
 
 def test_stop_token_and_greedy_are_mapped(monkeypatch):
