@@ -8,7 +8,7 @@ from typing import Iterable
 
 import torch
 
-import roles.torch_engine  # noqa: F401  (registers the "torch" engine)
+from roles.torch_engine import TorchEngineConfig  # registers the "torch" engine
 from roles.sglang_engine import SGLangConfig  # registers "sglang"; imports sglang only when used
 from core.batch import Batch
 from roles.engine import Engine, SamplingParams, get_engine
@@ -33,6 +33,8 @@ class Rollout:
         """Extra stop tokens (each must be one token of the vocabulary); EOS always stops."""
         dtype: str = "float32"
         """Engine weight dtype; actor weights are cast to it at every sync."""
+        torch_engine: TorchEngineConfig = field(default_factory=TorchEngineConfig)
+        """Options of the torch engine (static KV cache, compiled decode)."""
         sglang: SGLangConfig = field(default_factory=SGLangConfig)
         """Options of the sglang engine (roles/sglang_engine.py; GPU only)."""
 
@@ -52,7 +54,9 @@ class Rollout:
         """The configured engine on `model` (the `torch` engine's own copy of the policy), or
         for `sglang`, an engine started from the folder `model_path` (model is then unused)."""
         extra = {}
-        if cfg.engine == "sglang":
+        if cfg.engine == "torch":
+            extra = {"options": cfg.torch_engine}
+        elif cfg.engine == "sglang":
             extra = {"model_path": model_path, "options": cfg.sglang, "seed": seed,
                      "stop_token_ids": _stop_ids(tokenizer, cfg.stop)}
         engine = get_engine(cfg.engine)(model, pad_token_id=tokenizer.pad_token_id,

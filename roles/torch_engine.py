@@ -6,6 +6,11 @@ serves the whole batch; a `DynamicCache` holds keys and values between steps. Fi
 running (padding) until every row is done, which is cheaper than reshaping the cache for the
 short responses RL produces on CPU.
 
+On GPU (`rollout.torch_engine`): a static KV cache (fixed shapes, kept between calls of a
+generation phase, freed when training takes the device) and optionally a compiled decode step
+(torch.compile; CUDA graphs with mode "reduce-overhead"). Static and growing caches give the
+same tokens (tests/test_engine.py); the compiled path has not run on a GPU yet (docs/gpu.md).
+
 Log-probs: the engine reports log softmax(logits / T) of the sampled token, before top-k/top-p
 truncation (the convention of verl and OpenRLHF), which is exactly what the actor recomputes.
 Greedy decoding (T = 0) reports log softmax(logits).
@@ -13,25 +18,48 @@ Greedy decoding (T = 0) reports log softmax(logits).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 from roles.engine import Generation, SamplingParams, register_engine
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(kw_only=True, slots=True)
+class TorchEngineConfig:
+    static_cache: bool | None = None
+    """Preallocated KV cache of fixed shape (transformers StaticCache) instead of a growing one;
+    None: on CUDA only. Needed for compile."""
+    compile: bool = False
+    """torch.compile the one-token decode step (with CUDA graphs on CUDA: mode
+    "reduce-overhead"); compiled once per (batch, cache length) shape. Implies static_cache."""
+    cache_len_multiple: int = 64
+    """The static cache length (prompt + max_new_tokens) is rounded up to a multiple of this,
+    so compiled shapes repeat across steps."""
+
+
 @register_engine("torch")
 class TorchEngine:
     def __init__(self, model: PreTrainedModel, *, pad_token_id: int, device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, options: TorchEngineConfig | None = None) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
         self.model.requires_grad_(False)
         self.pad_token_id = pad_token_id
         self.device = device
         self._params = dict(self.model.named_parameters())
+        opts = options or TorchEngineConfig()
+        self.opts = opts
+        self.static = opts.compile or (opts.static_cache if opts.static_cache is not None
+                                       else device.type == "cuda")
+        self._cache: tuple[tuple[int, int], StaticCache] | None = None
+        self._decode = self._forward
+        if opts.compile:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self._decode = torch.compile(self._forward, dynamic=False, mode=mode)
 
     def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
         return self._params.items()
@@ -50,8 +78,9 @@ class TorchEngine:
         return received
 
     def sleep(self) -> None:
-        # The KV cache lives only inside generate(); nothing stays allocated between calls.
-        pass
+        # A growing KV cache lives only inside generate(); a static one is kept between calls
+        # of a phase (its shape repeats) and freed here, when training takes the device.
+        self._cache = None
 
     def wake(self) -> None:
         pass
@@ -65,11 +94,21 @@ class TorchEngine:
         gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
         stop = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=self.device)
 
-        cache = DynamicCache(config=self.model.config)
+        P = ids_NP.shape[1]
         pos_NP = (mask_NP.cumsum(-1) - 1).clamp(min=0)
-        logits_NV = self._forward(ids_NP, mask_NP, pos_NP, cache)
+        if self.static:
+            # Fixed shapes: the mask spans the whole cache (future slots 0) and each decode step
+            # writes slot P + t, so every step after the prefill has the same shapes.
+            cache, length = self._static_cache(N, P + sampling.max_new_tokens)
+            attn = torch.zeros((N, length), dtype=torch.long, device=self.device)
+            attn[:, :P] = mask_NP
+            logits_NV = self._forward(ids_NP, attn, pos_NP, cache,
+                                      torch.arange(P, device=self.device))
+        else:
+            cache = DynamicCache(config=self.model.config)
+            attn = mask_NP
+            logits_NV = self._forward(ids_NP, mask_NP, pos_NP, cache)
         next_pos_N1 = pos_NP[:, -1:] + 1
-        attn = mask_NP
 
         tokens, logps, masks = [], [], []
         done_N = torch.zeros(N, dtype=torch.bool, device=self.device)
@@ -82,8 +121,14 @@ class TorchEngine:
             done_N = done_N | torch.isin(tok_N, stop)
             if bool(done_N.all()):
                 break
-            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-            logits_NV = self._forward(tok_N[:, None], attn, next_pos_N1, cache)
+            if self.static:
+                slot = P + len(tokens) - 1
+                attn[:, slot] = 1
+                logits_NV = self._decode(tok_N[:, None], attn, next_pos_N1, cache,
+                                         torch.tensor([slot], device=self.device)).clone()
+            else:
+                attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+                logits_NV = self._forward(tok_N[:, None], attn, next_pos_N1, cache)
             next_pos_N1 = next_pos_N1 + 1
 
         response_mask = torch.stack(masks, dim=1)
@@ -92,10 +137,24 @@ class TorchEngine:
                           torch.stack(logps, dim=1).float(), finish)
 
     def _forward(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
-                 cache: DynamicCache) -> torch.Tensor:
+                 cache: DynamicCache | StaticCache, cache_position: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        extra = {} if cache_position is None else {"cache_position": cache_position}
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
         return out.logits[:, -1].float()
+
+    def _static_cache(self, n: int, length: int) -> tuple[StaticCache, int]:
+        """The kept cache for (n rows, length rounded up), reset; a new one for a new shape."""
+        m = self.opts.cache_len_multiple
+        length = -(-length // m) * m
+        if self._cache is not None and self._cache[0] == (n, length):
+            self._cache[1].reset()
+            return self._cache[1], length
+        self._cache = None  # free the old one first
+        cache = StaticCache(config=self.model.config, max_cache_len=length)
+        self._cache = ((n, length), cache)
+        return cache, length
 
 
 def sample_next(logits_NV: torch.Tensor, sampling: SamplingParams,

@@ -78,3 +78,41 @@ def test_load_weights_checks_names_and_shapes(engine):
     with pytest.raises(ValueError, match="shape"):
         engine.load_weights([(name, torch.zeros(1))])
     assert engine.load_weights([(name, w.clone())]) == w.numel() * 4
+
+
+def static_engine(**opts):
+    from roles.torch_engine import TorchEngineConfig
+    return TorchEngine(build_model(tiny_model_config(), seed=0), pad_token_id=0,
+                       device=torch.device("cpu"), options=TorchEngineConfig(**opts))
+
+
+CASES = [SamplingParams(temperature=1.0, top_k=8, top_p=0.9, max_new_tokens=7, n=3, stop_token_ids=(1,), seed=4),
+         SamplingParams(temperature=0.0, max_new_tokens=5, stop_token_ids=(1,)),
+         SamplingParams(temperature=0.7, max_new_tokens=7, n=3, stop_token_ids=(1,), seed=9)]
+
+
+def assert_same_generation(a, b):
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
+    torch.testing.assert_close(a.logp, b.logp, rtol=1e-5, atol=1e-5)
+    assert a.finish_reason == b.finish_reason
+
+
+def test_static_kv_cache_generates_what_the_growing_cache_does(engine):
+    """Same tokens, masks and log-probs; the cache is kept between calls of one shape (and
+    reset), replaced for a new shape, and dropped by sleep()."""
+    static = static_engine(static_cache=True, cache_len_multiple=8)
+    assert static.static and not engine.static  # CPU default: growing cache
+    for sampling in CASES:
+        assert_same_generation(static.generate(PROMPTS, MASK, sampling),
+                               engine.generate(PROMPTS, MASK, sampling))
+    assert static._cache[0] == (9, 16)  # 3 prompts x n=3; 5 + 7 tokens rounded up to 16
+    static.sleep()
+    assert static._cache is None
+
+
+@pytest.mark.slow
+def test_compiled_decode_generates_what_eager_does(engine):
+    compiled = static_engine(compile=True)
+    for sampling in CASES[:2]:
+        assert_same_generation(compiled.generate(PROMPTS, MASK, sampling),
+                               engine.generate(PROMPTS, MASK, sampling))
