@@ -2,42 +2,103 @@
 
 Each FSDP2 parameter is a DTensor sharded on dim 0 over the data-parallel mesh. An engine that
 slices weights itself (the `torch` engine; SGLang's `update_weights_from_tensor`) wants full
-tensors, so every rank gathers each parameter (`DTensor.full_tensor()`, an all-gather), casts it
-to the engine dtype, and hands buckets of about `bucket_bytes` to the engine. A bucket is freed
+tensors, so every rank gathers the parameters of a bucket (cast to the engine dtype first, then
+one all-gather for the whole bucket) and hands buckets of about `bucket_bytes` to the engine. A bucket is freed
 once the engine has copied it, so peak extra memory is about one bucket, not one model.
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 
 def full_weight_buckets(model: torch.nn.Module, *, bucket_bytes: int,
-                        dtype: torch.dtype | None = None
+                        dtype: torch.dtype | None = None, batched: bool = True
                         ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield lists of (name, full tensor) of about bucket_bytes each, in parameter order.
 
-    A collective: every rank must consume the iterator to the end, in step.
+    With `batched`, a bucket's FSDP2 shards (dim-0 DTensors on one 1-D mesh) are cast to the
+    engine dtype first and gathered in one all-gather per bucket, instead of one all-gather per
+    parameter (measured side by side in docs/benchmarks.md); other parameters are gathered
+    one by one. A collective: every rank must consume the iterator to the end, in step.
     """
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
-    bucket: list[tuple[str, torch.Tensor]] = []
+    pending: list[tuple[str, torch.Tensor]] = []
     size = 0
     for name, param in model.named_parameters():
-        t = param.detach()
-        if isinstance(t, DTensor):
-            t = t.full_tensor()
-        if dtype is not None and t.dtype != dtype:
-            t = t.to(dtype)
-        bucket.append((name, t))
-        size += t.numel() * t.element_size()
+        pending.append((name, param.detach()))
+        size += param.numel() * (dtype.itemsize if dtype is not None else param.element_size())
         if size >= bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-    if bucket:
-        yield bucket
+            yield _gather_bucket(pending, dtype, batched)
+            pending, size = [], 0
+    if pending:
+        yield _gather_bucket(pending, dtype, batched)
+
+
+def _gather_bucket(params: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None,
+                   batched: bool) -> list[tuple[str, torch.Tensor]]:
+    out: dict[str, torch.Tensor] = {}
+    together = [(n, p) for n, p in params if batched and _dim0_sharded(p)]
+    if together and len({p.device_mesh for _, p in together}) == 1 and \
+            len({dtype or p.dtype for _, p in together}) == 1:
+        out.update(_all_gather_dim0(together, dtype or together[0][1].dtype))
+    for name, p in params:
+        if name not in out:
+            t = p.full_tensor() if isinstance(p, DTensor) else p
+            out[name] = t.to(dtype) if dtype is not None and t.dtype != dtype else t
+    return [(name, out[name]) for name, _ in params]
+
+
+def _dim0_sharded(p: torch.Tensor) -> bool:
+    return (isinstance(p, DTensor) and p.device_mesh.ndim == 1 and len(p.placements) == 1
+            and isinstance(p.placements[0], Shard) and p.placements[0].dim == 0)
+
+
+def _rows(dim0: int, world: int) -> list[int]:
+    """Rows of each rank under torch.chunk (FSDP2's dim-0 sharding; trailing ranks may get 0)."""
+    c = -(-dim0 // world)
+    return [max(0, min(c, dim0 - r * c)) for r in range(world)]
+
+
+def _all_gather_dim0(params: list[tuple[str, DTensor]], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Full tensors of dim-0 sharded DTensors through one all_gather_into_tensor: each rank
+    packs its shards (cast to dtype) into one flat buffer padded to the largest rank's size."""
+    mesh = params[0][1].device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    per_rank = [0] * world  # elements each rank contributes
+    layout = []  # (name, full shape, row numel, rows per rank)
+    for name, p in params:
+        rows = _rows(p.shape[0], world)
+        row_numel = math.prod(p.shape[1:])  # (indexing the DTensor would all-gather it)
+        if tuple(p.to_local().shape[:1]) != (rows[rank],):
+            raise AssertionError(f"{name}: local shard {tuple(p.to_local().shape)} is not torch.chunk's")
+        layout.append((name, p.shape, row_numel, rows))
+        for r in range(world):
+            per_rank[r] += rows[r] * row_numel
+    width = max(per_rank)
+    device = params[0][1].to_local().device
+    send = torch.zeros(width, dtype=dtype, device=device)
+    offset = 0
+    for _, p in params:
+        local = p.to_local().reshape(-1)
+        send[offset:offset + local.numel()].copy_(local)  # copy_ casts to dtype
+        offset += local.numel()
+    recv = torch.empty(world * width, dtype=dtype, device=device)
+    torch.distributed.all_gather_into_tensor(recv, send, group=mesh.get_group())
+    out, offsets = {}, [r * width for r in range(world)]
+    for name, shape, row_numel, rows in layout:
+        parts = []
+        for r in range(world):
+            n = rows[r] * row_numel
+            parts.append(recv[offsets[r]:offsets[r] + n])
+            offsets[r] += n
+        out[name] = torch.cat(parts).reshape(shape)
+    del recv
+    return out
 
 
 # --- Tensor-parallel layout -------------------------------------------------------------------
@@ -47,8 +108,9 @@ def full_weight_buckets(model: torch.nn.Module, *, bucket_bytes: int,
 #
 #   column-parallel (dim 0 split): q/k/v_proj (weight and bias), gate_proj, up_proj
 #   row-parallel    (dim 1 split): o_proj, down_proj (their biases, if any, stay whole)
-#   vocab-parallel  (dim 0 split, padded): embed_tokens, lm_head: ceil(V / T) rows per rank,
-#                                  the last rank's tail zero-padded
+#   vocab-parallel  (dim 0 split, padded): embed_tokens, lm_head: V padded to a multiple of 64
+#                                  (SGLang's and vLLM's pad_vocab_size), V_pad / T rows per
+#                                  rank, the padding rows zero
 #   replicated:                    norms and anything 1-D not listed above
 #
 # k/v projections with fewer KV heads than ranks (T % kv_heads == 0) are replicated by head:
@@ -76,7 +138,7 @@ def tp_kind(name: str, ndim: int) -> str:
 
 
 def tp_slice(name: str, full: torch.Tensor, *, tp_rank: int, tp_size: int, num_heads: int,
-             num_kv_heads: int) -> torch.Tensor:
+             num_kv_heads: int, vocab_pad: int = 64) -> torch.Tensor:
     """The part of the full parameter `name` that tensor-parallel rank `tp_rank` holds (a view
     where possible; vocab slices of the last rank are padded copies)."""
     if tp_size == 1:
@@ -87,7 +149,8 @@ def tp_slice(name: str, full: torch.Tensor, *, tp_rank: int, tp_size: int, num_h
     if kind == "row":
         return _even_chunk(full, 1, tp_rank, tp_size, name)
     if kind == "vocab":
-        rows = -(-full.shape[0] // tp_size)
+        padded = -(-full.shape[0] // vocab_pad) * vocab_pad  # as SGLang/vLLM pad the vocabulary
+        rows = -(-padded // tp_size)
         part = full[tp_rank * rows:(tp_rank + 1) * rows]
         if part.shape[0] < rows:
             pad = full.new_zeros((rows - part.shape[0], *full.shape[1:]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -28,6 +29,8 @@ from typing import Any, Literal, Sequence
 import torch
 
 from core import dist
+from core.models import dtype_of
+from core.reshard import full_weight_buckets
 from launch.build import build_job
 from launch.config import JobConfig
 from launch.entry import run_entry
@@ -56,6 +59,9 @@ class BenchOptions:
     warmup: int = 1
     peak_tflops: float | None = None
     """Peak dense TFLOPS of one device for MFU; None: looked up for known GPUs."""
+    compare_sync: int = 0
+    """Also time this many full weight syncs each way, alternating: one all-gather per bucket
+    (the default) against one per parameter."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -123,7 +129,8 @@ def table(s: dict[str, float]) -> str:
         f"weight reshard          {f('reshard/gbps', '{:.2f}', ' GB/s')} "
         f"({f('reshard/bytes', '{:.0f}', ' bytes')} in {f('reshard/seconds', '{:.3f}', ' s')})",
     ]
-    lines += [f"{k:<40}{v:.3f}" for k, v in s.items() if k.startswith(("memory/", "offload/")) and v is not None]
+    lines += [f"{k:<40}{v:.3f}" for k, v in s.items()
+              if k.startswith(("memory/", "offload/", "sync_compare/")) and v is not None]
     lines += [f"{k:<40}{v:.3f} s" for k, v in s.items() if k.startswith("timing_s/") and v is not None]
     return "\n".join(lines)
 
@@ -147,6 +154,8 @@ def bench(cfg: BenchConfig) -> dict[str, float]:
     summary = summarize(rows, n_params=n_params, world=info.world_size,
                         epochs=cfg.actor.epochs, peak=peak_tflops(cfg.bench, info.device))
     summary["device"] = torch.cuda.get_device_name(info.device) if info.device.type == "cuda" else "cpu"
+    if cfg.bench.compare_sync:
+        summary.update(compare_sync(actor.model, cfg, info.device))
     if info.is_main:
         out = Path(cfg.run.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -154,6 +163,27 @@ def bench(cfg: BenchConfig) -> dict[str, float]:
         logger.info("benchmark (%d measured steps after %d warm-up):\n%s", cfg.bench.steps,
                     cfg.bench.warmup, table(summary))
     return summary
+
+
+def compare_sync(model: torch.nn.Module, cfg: BenchConfig, device: torch.device) -> dict[str, float]:
+    """Seconds of a full gather of the actor's weights (the collective part of a sync), per
+    bucket vs per parameter, alternating so both see the same machine state."""
+    dtype = dtype_of(cfg.rollout.dtype)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(cfg.bench.compare_sync):
+        for batched in (True, False):
+            dist.barrier()
+            t0 = time.perf_counter()
+            nbytes = 0
+            for bucket in full_weight_buckets(model, bucket_bytes=int(cfg.hybrid.bucket_mb * 2**20),
+                                              dtype=dtype, batched=batched):
+                nbytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[batched].append(time.perf_counter() - t0)
+    per_bucket, per_param = statistics.median(times[True]), statistics.median(times[False])
+    return {"sync_compare/bytes": float(nbytes), "sync_compare/per_bucket_s": per_bucket,
+            "sync_compare/per_param_s": per_param, "sync_compare/speedup": per_param / per_bucket}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

@@ -93,3 +93,33 @@ def test_engine_generates_like_single_process_model(synced):
     assert torch.equal(greedy.response_ids[mask], hf[:, :width][mask])
     assert greedy.response_ids.shape[0] == PROMPTS.shape[0]
     assert int(greedy.response_ids.max()) < VOCAB
+
+
+def gather_counts():
+    """All-gathers issued by one sync of uneven FSDP2 shards, per bucket vs per parameter, and
+    their results."""
+    from torch.distributed.tensor.debug import CommDebugMode
+    from core import dist
+    from core.models import ModelConfig, build_model, shard_model
+    from core.reshard import full_weight_buckets
+    cfg = ModelConfig(config=dict(model_type="qwen2", hidden_size=16, intermediate_size=40,
+                                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                  vocab_size=41, tie_word_embeddings=False))  # 41 rows: uneven shards
+    model = shard_model(build_model(cfg, seed=1), dist.mesh())
+    out = {}
+    for batched in (True, False):
+        with CommDebugMode() as comm:
+            got = [pair for b in full_weight_buckets(model, bucket_bytes=2**30, dtype=torch.bfloat16,
+                                                     batched=batched) for pair in b]
+        out[batched] = (comm.get_total_counts(), got)
+    return out, {n: p.detach().to(torch.bfloat16) for n, p in build_model(cfg, seed=1).named_parameters()}
+
+
+@pytest.mark.dist
+def test_one_all_gather_per_bucket_gives_the_full_weights():
+    (runs, full), _ = run_distributed(gather_counts)
+    (count_bucket, bucket), (count_param, per_param) = runs[True], runs[False]
+    assert count_bucket == 1 and count_param == len(full)
+    assert [n for n, _ in bucket] == list(full) == [n for n, _ in per_param]
+    for (name, a), (_, b) in zip(bucket, per_param):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, full[name]) and torch.equal(b, full[name])

@@ -58,8 +58,8 @@ def test_fsdp_to_tp2_slices_equal_the_slices_of_the_full_weights(model_type):
             want = w.chunk(2, dim=0)[tp_rank]
         elif kind == "row":
             want = w.chunk(2, dim=1)[tp_rank]
-        elif kind == "vocab":  # 41 rows: 21 per rank, the last one zero-padded
-            want = torch.cat([w, w.new_zeros(1, w.shape[1])]).chunk(2, dim=0)[tp_rank]
+        elif kind == "vocab":  # 41 rows padded to 64: 32 per rank, rows 41..63 zero
+            want = torch.cat([w, w.new_zeros(23, w.shape[1])]).chunk(2, dim=0)[tp_rank]
         else:
             want = w
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{name} tp_rank {tp_rank}")
@@ -84,7 +84,9 @@ def test_sliced_layers_compute_the_full_layers():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         head = params["lm_head.weight"]
         logits = torch.cat([x @ tp_slice("lm_head.weight", head, tp_rank=r, tp_size=2, num_heads=4,
-                                         num_kv_heads=2).T for r in range(2)], dim=-1)[:, :41]
+                                         num_kv_heads=2).T for r in range(2)], dim=-1)
+        assert logits.shape[1] == 64 and (logits[:, 41:] == 0).all()
+        logits = logits[:, :41]
         torch.testing.assert_close(logits, x @ head.T)
 
 
