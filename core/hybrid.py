@@ -52,9 +52,11 @@ class HybridEngine:
         t0 = time.perf_counter()
         metrics = self._memory_metrics(self.phase)
         if phase is Phase.GENERATE:
-            if self.handoff is not None:
-                metrics.update(self.handoff.to_generate())
-            metrics.update(self.sync_weights())
+            if self.handoff is not None:  # optimizer states leave first ...
+                metrics.update(self.handoff.to_generate(params=False))
+            metrics.update(self.sync_weights(force=bool(getattr(self.rollout, "needs_full_sync", False))))
+            if self.handoff is not None:  # ... parameters only after the sync has gathered them
+                metrics.update(self.handoff.to_generate(params=True))
             self.rollout.wake()
         else:
             self.rollout.sleep()

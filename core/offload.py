@@ -74,11 +74,13 @@ class MemoryHandoff:
         self.offload_params = offload_params
         self.active = device.type == "cuda" and (offload_optimizer or offload_params)
 
-    def to_generate(self) -> dict[str, float]:
-        """Training state to CPU, cache emptied (a no-op off CUDA)."""
+    def to_generate(self, *, params: bool) -> dict[str, float]:
+        """Optimizer states (params=False: before the weight sync) or parameters (params=True:
+        after it, since the sync gathers them on the device) to CPU, cache emptied. A no-op
+        off CUDA."""
         if not self.active:
             return {}
-        out = self._move("cpu", "offload")
+        out = self._move("cpu", "offload", optimizer=not params, params=params)
         torch.cuda.empty_cache()
         return out
 
@@ -86,14 +88,15 @@ class MemoryHandoff:
         """Training state back to the device (a no-op off CUDA)."""
         if not self.active:
             return {}
-        return self._move(self.device, "reload")
+        return self._move(self.device, "reload", optimizer=True, params=True)
 
-    def _move(self, target: torch.device | str, verb: str) -> dict[str, float]:
+    def _move(self, target: torch.device | str, verb: str, *, optimizer: bool, params: bool
+              ) -> dict[str, float]:
         out: dict[str, float] = {}
         parts = []
-        if self.offload_optimizer:
+        if optimizer and self.offload_optimizer:
             parts.append(("optimizer", lambda: sum(move_optimizer_state(o, target) for o in self.optimizers)))
-        if self.offload_params:
+        if params and self.offload_params:
             parts.append(("params", lambda: move_params(self.modules, target)))
         for what, fn in parts:
             t0 = time.perf_counter()

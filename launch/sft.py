@@ -136,11 +136,13 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
     param_dtype = dtype_of(cfg.actor.param_dtype)
     model = shard_model(model, dist.mesh(), param_dtype=None if param_dtype == torch.float32 else param_dtype)
     actor = Actor(cfg.actor, model.to(info.device), total_steps=cfg.run.steps)
-    rollout = Rollout.build(cfg.rollout, engine_model(cfg.model, cfg.rollout, len(tokenizer), cfg.run.seed),
-                            tokenizer, device=info.device, seed=cfg.run.seed, rank=info.rank,
-                            dtype=dtype_of(cfg.rollout.dtype), model_path=cfg.model.path)
-    hybrid = HybridEngine(HybridConfig(), actor=actor, rollout=rollout,
-                          engine_dtype=dtype_of(cfg.rollout.dtype), device=info.device)
+    rollout = hybrid = None
+    if held_out is not None:  # an engine only when there is something to evaluate
+        rollout = Rollout.build(cfg.rollout, engine_model(cfg.model, cfg.rollout, len(tokenizer), cfg.run.seed),
+                                tokenizer, device=info.device, seed=cfg.run.seed, rank=info.rank,
+                                dtype=dtype_of(cfg.rollout.dtype), model_path=cfg.model.path)
+        hybrid = HybridEngine(HybridConfig(), actor=actor, rollout=rollout,
+                              engine_dtype=dtype_of(cfg.rollout.dtype), device=info.device)
     reward = Reward(Reward.Config(), device=info.device)
     out = Path(cfg.run.output_dir)
     if info.is_main:
@@ -163,16 +165,18 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
                 f.write(json.dumps(row) + "\n")
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
 
-    def eval_now() -> dict[str, float]:
+    def eval_now(*, first: bool = False) -> dict[str, float]:
         if held_out is None:
             return {}
-        hybrid.sync_weights()
-        return evaluate(rollout, reward, held_out, tokenizer, batch_size=cfg.eval.batch_size,
-                        max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                        max_prompt_len=cfg.data.max_prompt_len)
+        hybrid.sync_weights(force=first or rollout.needs_full_sync)
+        rollout.wake()
+        out = evaluate(rollout, reward, held_out, tokenizer, batch_size=cfg.eval.batch_size,
+                       max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                       max_prompt_len=cfg.data.max_prompt_len)
+        rollout.sleep()  # the engine's memory (KV cache; SGLang: everything) back to training
+        return out
 
-    hybrid.sync_weights(force=True)
-    record({"step": 0, **eval_now()})
+    record({"step": 0, **eval_now(first=True)})
     t0 = time.perf_counter()
     for step in range(1, cfg.run.steps + 1):
         t_step = time.perf_counter()

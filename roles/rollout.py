@@ -92,6 +92,11 @@ class Rollout:
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         return self.engine.load_weights(named_tensors)
 
+    @property
+    def needs_full_sync(self) -> bool:
+        """The engine lost its weights (SGLang after sleep): sync even if the actor did not step."""
+        return bool(getattr(self.engine, "needs_full_sync", False))
+
     def begin_weight_update(self) -> None:
         """Before a sync's first bucket (SGLang: its weight memory comes back)."""
         getattr(self.engine, "begin_weight_update", lambda: None)()

@@ -13,16 +13,19 @@ world size / T. In a group, prompts are gathered to the leader, generated togeth
 results scattered back.
 
 Weights: full tensors (core/reshard.py; SGLang slices them itself for its TP workers) go to
-`update_weights_from_tensor` bucket by bucket, as one flattened bucket per call where the
-release has `FlattenedTensorBucket` (load_format="flattened_bucket"), with the cache flushed
-once after the last bucket. Memory: `release_memory_occupation` (weights, KV cache, CUDA graphs)
+`update_weights_from_tensor` bucket by bucket, one flattened bucket per call
+(load_format="flattened_bucket"), one payload per TP rank serialized by that rank from its own
+GPU, inside a begin/end_weight_update session, the cache flushed once after the last bucket.
+Every result is checked: SGLang reports failures as (False, message), not as exceptions. Memory: `release_memory_occupation` (weights, KV cache, CUDA graphs)
 when training takes the GPU; `resume_memory_occupation(["weights"])` before a sync and
-`["kv_cache", "cuda_graph"]` after it.
+`["kv_cache", "cuda_graph"]` after it. Released weights have no CPU backup, so every wake is
+preceded by a full sync (`needs_full_sync`), even when the actor did not step.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -52,7 +55,10 @@ class SGLangConfig:
     flattened_bucket: bool = True
     """One flattened tensor per weight bucket (fewer IPC handles), where the release supports it."""
     server_args: dict[str, Any] = field(default_factory=dict)
-    """Extra sglang.Engine (ServerArgs) keyword arguments, e.g. {attention_backend: fa3}."""
+    """Extra sglang.Engine (ServerArgs) keyword arguments, e.g. {attention_backend: fa3};
+    {enable_deterministic_inference: true} makes the per-sample seeds take effect (slower)."""
+    group_timeout_hours: float = 6.0
+    """Timeout of the TP group's gloo collectives (ranks wait in them while the leader generates)."""
 
 
 def import_sglang():
@@ -95,15 +101,29 @@ def sampling_dicts(sampling: SamplingParams, n_prompts: int, stop_token_ids: Seq
             "stop_token_ids": list(stop_token_ids),
             "skip_special_tokens": False,
             "no_stop_trim": True,                  # keep the stop token: it is trained on
+            # effective only with server_args {enable_deterministic_inference: true}
             "sampling_seed": (sampling.seed * 1_000_003 + i) % (2**31),
         })
     return out
 
 
+def check(result: Any, what: str) -> None:
+    """SGLang 0.5.21 reports a failed weight update, session or flush as (False, message) or
+    `.success == False` instead of raising; going on would generate from stale weights."""
+    if isinstance(result, tuple) and len(result) >= 2 and isinstance(result[0], bool):
+        ok, message = result[0], result[1]
+    elif hasattr(result, "success"):
+        ok, message = bool(result.success), getattr(result, "message", "")
+    else:
+        return
+    if not ok:
+        raise RuntimeError(f"SGLang {what} failed: {message}")
+
+
 def to_generation(outputs: list[dict[str, Any]], pad_token_id: int) -> Generation:
     """SGLang's per-request dicts (output_ids, meta_info.output_token_logprobs as
     (logprob, token id, text) triples, meta_info.finish_reason.type) as a Generation."""
-    width = max(1, max(len(o["output_ids"]) for o in outputs))
+    width = max([1] + [len(o["output_ids"]) for o in outputs])
     N = len(outputs)
     ids = torch.full((N, width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((N, width), dtype=torch.long)
@@ -144,12 +164,15 @@ class SGLangEngine:
         if world % cfg.tp_size:
             raise ValueError(f"rollout.sglang.tp_size={cfg.tp_size} must divide the world size {world}")
         self.tp_rank = rank % cfg.tp_size
-        leaders = list(range(0, world, cfg.tp_size))
-        self.group = None
-        for first in leaders:  # every rank creates every group, in the same order
-            g = tdist.new_group(list(range(first, first + cfg.tp_size))) if cfg.tp_size > 1 else None
-            if first == rank - self.tp_rank:
-                self.group, self.leader_rank = g, first
+        self.group, self.leader_rank = None, rank - self.tp_rank
+        if cfg.tp_size > 1:
+            # Object collectives on gloo with a long timeout: the group's other ranks wait in
+            # them while the leader generates (NCCL's watchdog would abort long rollouts).
+            for first in range(0, world, cfg.tp_size):  # every rank creates every group, in order
+                g = tdist.new_group(list(range(first, first + cfg.tp_size)), backend="gloo",
+                                    timeout=timedelta(hours=cfg.group_timeout_hours))
+                if first == self.leader_rank:
+                    self.group = g
         self.engine = None
         self.released: set[str] = set()
         """Memory tags released by sleep() and not yet resumed."""
@@ -157,18 +180,30 @@ class SGLangEngine:
             self.engine = self.sglang.Engine(**engine_kwargs(
                 cfg, model_path=model_path, dtype=dtype, base_gpu_id=device.index or 0, seed=seed))
         self._bucket_cls = self._serializer = None
-        if cfg.flattened_bucket:
+        if cfg.flattened_bucket or cfg.tp_size > 1:
             try:
                 from sglang.srt.utils import MultiprocessingSerializer
+                from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
                 from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
-                self._bucket_cls, self._serializer = FlattenedTensorBucket, MultiprocessingSerializer
-            except ImportError:
+            except ImportError as e:
+                if cfg.tp_size > 1:
+                    raise ImportError(f"rollout.sglang.tp_size > 1 needs sglang's FlattenedTensorBucket "
+                                      f"(sglang >= 0.5.18): {e}") from e
                 logger.warning("this sglang has no FlattenedTensorBucket; sending tensors one by one")
+            else:
+                monkey_patch_torch_reductions()  # CUDA IPC handles that survive device remapping
+                self._bucket_cls, self._serializer = FlattenedTensorBucket, MultiprocessingSerializer
 
     # --- weights -------------------------------------------------------------------------------
 
     def named_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
         raise NotImplementedError("SGLang's weights live in its own processes; compare through generate()")
+
+    @property
+    def needs_full_sync(self) -> bool:
+        """Released weights are not backed up: they must be re-sent even if the actor did not
+        step (core/hybrid.py forces the sync). Same value on every rank."""
+        return "weights" in self.released
 
     def _resume(self, tags: list[str]) -> None:
         """Bring back whichever of `tags` are released (each at most once)."""
@@ -180,38 +215,52 @@ class SGLangEngine:
     def begin_weight_update(self) -> None:
         self._resume(TAGS_BEFORE_SYNC)
         if self.engine is not None and hasattr(self.engine, "begin_weight_update"):
-            self.engine.begin_weight_update()  # 0.5.21: a session around updates
+            check(self.engine.begin_weight_update(), "begin_weight_update")  # 0.5.21: a session
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """One bucket of full tensors into the engine (leader only; the group's other ranks hold
-        the same full tensors after the FSDP all-gather and send nothing)."""
+        """One bucket of full tensors into the engine (a collective over the TP group).
+
+        Every rank of the group serializes its own GPU-local copy (it has the full tensors after
+        the FSDP all-gather) as one flattened bucket; the leader hands SGLang one payload per
+        TP rank, so each SGLang worker maps the copy on its own GPU and CUDA-IPC reference
+        counts stay one per payload. The group waits for the leader before freeing its copies.
+        """
         named = [(n, t.to(self.device, non_blocking=True)) for n, t in named_tensors]
         received = sum(t.numel() * t.element_size() for _, t in named)
-        if self.engine is None or not named:
+        if not named:
             return received
-        if self._bucket_cls is not None:
-            bucket = self._bucket_cls(named_tensors=named)
-            payload = self._serializer.serialize({"flattened_tensor": bucket.get_flattened_tensor(),
-                                                  "metadata": bucket.get_metadata()}, output_str=True)
-            self.engine.update_weights_from_tensor(named_tensors=[payload] * self.cfg.tp_size,
-                                                   load_format="flattened_bucket", flush_cache=False)
-        else:
-            self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=False)
+        if self._bucket_cls is None:  # tp_size == 1 only
+            check(self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=False),
+                  "update_weights_from_tensor")
+            return received
+        bucket = self._bucket_cls(named_tensors=named)
+        payload = self._serializer.serialize({"flattened_tensor": bucket.get_flattened_tensor(),
+                                              "metadata": bucket.get_metadata()}, output_str=True)
+        payloads = self._gather(payload)
+        if self.engine is not None:
+            check(self.engine.update_weights_from_tensor(named_tensors=payloads,
+                                                         load_format="flattened_bucket",
+                                                         flush_cache=False),
+                  "update_weights_from_tensor")
+        if self.group is not None:
+            tdist.barrier(group=self.group)  # keep `bucket` alive until the leader's call returned
+        del bucket
         return received
 
     def end_weight_update(self) -> None:
         if self.engine is not None:
             if hasattr(self.engine, "end_weight_update"):
-                self.engine.end_weight_update()
-            self.engine.flush_cache()
+                check(self.engine.end_weight_update(), "end_weight_update")
+            check(self.engine.flush_cache(), "flush_cache")
         self._resume(TAGS_AFTER_SYNC)
 
     # --- memory --------------------------------------------------------------------------------
 
     def sleep(self) -> None:
-        if self.engine is not None and not self.released:
-            self.engine.release_memory_occupation(tags=ALL_TAGS)
-        self.released = set(ALL_TAGS)
+        tags = [t for t in ALL_TAGS if t not in self.released]
+        if self.engine is not None and tags:
+            self.engine.release_memory_occupation(tags=tags)
+        self.released |= set(tags)
 
     def wake(self) -> None:
         """Whatever is still released: all of it when no sync happened (weights unchanged);
@@ -231,7 +280,7 @@ class SGLangEngine:
             repeated = [p for p in flat for _ in range(sampling.n)]
             result = self.engine.generate(
                 input_ids=repeated, sampling_params=sampling_dicts(sampling, len(flat), self.stop_token_ids),
-                return_logprob=True)
+                return_logprob=True) if repeated else []
             outputs, start = [], 0
             for g in groups:
                 outputs.append(result[start:start + len(g) * sampling.n])
@@ -242,11 +291,12 @@ class SGLangEngine:
                           response_mask=gen.response_mask.to(self.device),
                           logp=gen.logp.to(self.device), finish_reason=gen.finish_reason)
 
-    def _gather(self, prompts: list[list[int]]) -> list[list[list[int]]]:
+    def _gather(self, obj: Any) -> list[Any]:
+        """Every group rank's obj on the leader (in TP rank order); [] elsewhere."""
         if self.group is None:
-            return [prompts]
+            return [obj]
         out = [None] * self.cfg.tp_size if self.tp_rank == 0 else None
-        tdist.gather_object(prompts, out, dst=self.leader_rank, group=self.group)
+        tdist.gather_object(obj, out, dst=self.leader_rank, group=self.group)
         return out if out is not None else []
 
     def _scatter(self, outputs: list[list[dict]] | None) -> list[dict]:

@@ -38,8 +38,9 @@ class TorchEngineConfig:
     """torch.compile the one-token decode step (with CUDA graphs on CUDA: mode
     "reduce-overhead"); compiled once per (batch, cache length) shape. Implies static_cache."""
     cache_len_multiple: int = 64
-    """The static cache length (prompt + max_new_tokens) is rounded up to a multiple of this,
-    so compiled shapes repeat across steps."""
+    """Prompts are left-padded, and the static cache length (prompt + max_new_tokens) rounded
+    up, to a multiple of this, so compiled shapes repeat across steps (torch.compile gives up
+    after 8 shapes per function)."""
 
 
 @register_engine("torch")
@@ -94,6 +95,12 @@ class TorchEngine:
         gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
         stop = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=self.device)
 
+        if self.static and ids_NP.shape[1] % self.opts.cache_len_multiple:
+            # left-pad prompts to a multiple too, so the cache length (and the compiled decode
+            # step's shapes) repeat across batches with different prompt lengths
+            extra = self.opts.cache_len_multiple - ids_NP.shape[1] % self.opts.cache_len_multiple
+            ids_NP = torch.nn.functional.pad(ids_NP, (extra, 0), value=self.pad_token_id)
+            mask_NP = torch.nn.functional.pad(mask_NP, (extra, 0), value=0)
         P = ids_NP.shape[1]
         pos_NP = (mask_NP.cumsum(-1) - 1).clamp(min=0)
         if self.static:

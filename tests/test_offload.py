@@ -24,7 +24,7 @@ def adam_on_fsdp():
     full_bytes = sum(v.full_tensor().numel() * 4 for s in opt.state.values() for k, v in s.items()
                      if k != "step")
     handoff = MemoryHandoff(optimizers=[opt], modules=[model], device=torch.device("cpu"))
-    noop = (handoff.to_generate(), handoff.to_train(), handoff.active)
+    noop = (handoff.to_generate(params=False), handoff.to_train(), handoff.active)
     moved = move_optimizer_state(opt, "cpu")  # already there: nothing moves
     # "meta" stands in for another device: only local shards move, DTensor wrappers stay
     away = move_optimizer_state(opt, "meta")

@@ -82,21 +82,28 @@ class FakeEngine:
                 {"type": "length", "length": len(toks)}}})
         return out
 
+    fail_update = False
+
     @checked("Engine", "update_weights_from_tensor")
     def update_weights_from_tensor(self, named_tensors, load_format, flush_cache):
         assert flush_cache is False  # flushed once per sync, not per bucket
+        if self.fail_update:  # 0.5.21 reports failures, it does not raise
+            return False, "must run between begin_weight_update() and end_weight_update()"
         if load_format == "flattened_bucket":
-            for payload in named_tensors:  # one per TP rank
+            self.per_tp_rank = []
+            for payload in named_tensors:  # one per TP rank, each serialized by that rank
                 data = pickle.loads(base64.b64decode(payload))
                 bucket = FakeBucket(flattened_tensor=data["flattened_tensor"], metadata=data["metadata"])
-                self.weights.update(dict(bucket.reconstruct_tensors()))
+                self.per_tp_rank.append(dict(bucket.reconstruct_tensors()))
+            self.weights.update(self.per_tp_rank[0])
         else:
             assert load_format is None
             self.weights.update({n: t.clone() for n, t in named_tensors})
+        return True, "Success"
 
     @checked("Engine", "flush_cache")
     def flush_cache(self):
-        pass
+        return types.SimpleNamespace(success=True)
 
     @checked("Engine", "release_memory_occupation")
     def release_memory_occupation(self, tags):
@@ -108,11 +115,11 @@ class FakeEngine:
 
     @checked("Engine", "begin_weight_update")
     def begin_weight_update(self, selector=None):
-        pass
+        return True, ""
 
     @checked("Engine", "end_weight_update")
     def end_weight_update(self):
-        pass
+        return True, ""
 
     @checked("Engine", "shutdown")
     def shutdown(self):
@@ -164,10 +171,13 @@ def install_stand_in(monkeypatch=None) -> None:
     FakeEngine.instances.clear()
     mods = {"sglang": types.ModuleType("sglang"), "sglang.srt": types.ModuleType("sglang.srt"),
             "sglang.srt.utils": types.ModuleType("sglang.srt.utils"),
+            "sglang.srt.utils.patch_torch": types.ModuleType("sglang.srt.utils.patch_torch"),
             "sglang.srt.weight_sync": types.ModuleType("sglang.srt.weight_sync"),
             "sglang.srt.weight_sync.tensor_bucket": types.ModuleType("sglang.srt.weight_sync.tensor_bucket")}
     mods["sglang"].Engine = FakeEngine
     mods["sglang.srt.utils"].MultiprocessingSerializer = FakeSerializer
+    assert "monkey_patch_torch_reductions" in API["patch_torch"]
+    mods["sglang.srt.utils.patch_torch"].monkey_patch_torch_reductions = lambda: None
     mods["sglang.srt.weight_sync.tensor_bucket"].FlattenedTensorBucket = FakeBucket
     for name, mod in mods.items():
         if monkeypatch is not None:
@@ -245,6 +255,7 @@ def test_adapter_calls_match_sglang_0_5_21(monkeypatch, flattened):
     tags = [args["tags"] for name, args in fake.calls if "memory_occupation" in name]
     assert tags == [["weights", "kv_cache", "cuda_graph"], ["weights"], ["kv_cache", "cuda_graph"],
                     ["weights", "kv_cache", "cuda_graph"]]
+    assert engine.needs_full_sync  # asleep: weights gone
     sampling = next(args for name, args in fake.calls if name == "generate")["sampling_params"]
     assert sampling[0]["top_k"] == -1 and sampling[0]["stop_token_ids"] == [STOP]
     assert len({sp["sampling_seed"] for sp in sampling}) == 4  # one seed per sample
@@ -261,6 +272,53 @@ def test_waking_without_a_sync_resumes_everything(monkeypatch):
     calls = [(n, a.get("tags")) for n, a in FakeEngine.instances[0].calls[1:]]
     assert calls == [("release_memory_occupation", ["weights", "kv_cache", "cuda_graph"]),
                      ("resume_memory_occupation", ["weights", "kv_cache", "cuda_graph"])]
+
+
+def test_a_failed_weight_update_stops_instead_of_generating_from_stale_weights(monkeypatch):
+    install_stand_in(monkeypatch)
+    engine = make_engine()
+    FakeEngine.instances[0].fail_update = True
+    engine.begin_weight_update()
+    with pytest.raises(RuntimeError, match="SGLang update_weights_from_tensor failed: must run between"):
+        engine.load_weights([("a", torch.ones(2))])
+
+
+def test_asleep_engine_needs_a_full_sync():
+    """Released weights have no CPU backup: the hybrid engine must resend them even if the actor
+    did not step."""
+    from core.graph import Phase
+    from core.hybrid import HybridConfig, HybridEngine
+
+    class Actor:
+        version = 3
+
+        def export_weights(self, *, bucket_bytes, dtype):
+            yield [("w", torch.ones(2))]
+
+    class Rollout:
+        needs_full_sync = True
+        loaded = 0
+
+        def load_weights(self, named):
+            self.loaded += 1
+            return sum(t.numel() * 4 for _, t in named)
+
+        def wake(self):
+            pass
+
+        def sleep(self):
+            pass
+
+    rollout = Rollout()
+    hybrid = HybridEngine(HybridConfig(), actor=Actor(), rollout=rollout, engine_dtype=torch.float32,
+                          device=torch.device("cpu"))
+    hybrid.synced_version = 3  # weights unchanged since the last sync
+    hybrid.enter(Phase.GENERATE)
+    assert rollout.loaded == 1
+    rollout.needs_full_sync = False
+    hybrid.enter(Phase.TRAIN)
+    hybrid.enter(Phase.GENERATE)
+    assert rollout.loaded == 1  # the torch engine keeps its weights: no resend
 
 
 def test_stop_token_and_greedy_are_mapped(monkeypatch):
@@ -282,16 +340,20 @@ def tp_group_generate():
     prompts = PROMPTS[rank:rank + 1]
     gen = engine.generate(prompts, MASK[rank:rank + 1], SamplingParams(temperature=1.0, max_new_tokens=8,
                                                                        stop_token_ids=(STOP,)))
-    engine.load_weights([("w", torch.ones(2, dtype=torch.bfloat16))])
-    calls = [name for name, _ in FakeEngine.instances[0].calls] if FakeEngine.instances else []
-    return gen.response_ids.tolist(), calls
+    engine.load_weights([("w", torch.full((2,), float(rank), dtype=torch.bfloat16))])
+    fake = FakeEngine.instances[0] if FakeEngine.instances else None
+    calls = [name for name, _ in fake.calls] if fake else []
+    received = [t["w"].tolist() for t in fake.per_tp_rank] if fake else []
+    return gen.response_ids.tolist(), calls, received
 
 
 @pytest.mark.dist
 def test_tensor_parallel_group_generates_on_its_leader():
     """tp_size=2 on 2 ranks: one engine (rank 0); both ranks' prompts are generated there and
     each rank gets its own answers back."""
-    (ids0, calls0), (ids1, calls1) = run_distributed(tp_group_generate)
+    (ids0, calls0, got0), (ids1, calls1, got1) = run_distributed(tp_group_generate)
     assert ids0 == [[5, 6, 7, STOP]] and ids1 == [[9, 10, 11, STOP]]
     assert calls0.count("generate") == 1 and calls1 == []
     assert calls0.count("update_weights_from_tensor") == 1
+    # one payload per TP rank, each serialized by that rank from its own copy
+    assert got0 == [[0.0, 0.0], [1.0, 1.0]] and got1 == []

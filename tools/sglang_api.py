@@ -62,6 +62,8 @@ def main(wheel: str) -> None:
         "server_args": sorted(fields),
         "sampling_params": sorted(set(sampling)),
         "memory_tags": sorted(v for k, v in consts.items() if k.startswith("GPU_MEMORY_TYPE_")),
+        "patch_torch": sorted(n.name for n in read("sglang/srt/utils/patch_torch.py").body
+                              if isinstance(n, ast.FunctionDef)),
     }
     json.dump(record, sys.stdout, indent=1)
     sys.stdout.write("\n")
