@@ -1,7 +1,6 @@
 """Exact resume, fault tolerance under torchrun restarts, crash-safe saves, export, bad input."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

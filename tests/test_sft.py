@@ -3,7 +3,6 @@ and LoRA, the built-in task and JSONL files) on 2 gloo processes."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
