@@ -1,9 +1,9 @@
 """The hybrid engine: training and generation take turns on one device.
 
-TRAIN -> GENERATE: training state steps aside (on CUDA: optimizer states, optionally
-parameters, to CPU; core/offload.py); if the actor stepped since the last sync, its weights
-stream from the FSDP2 shards into the rollout engine bucket by bucket (core/reshard.py), then the
-engine wakes. GENERATE -> TRAIN: the engine sleeps (SGLang releases its memory) and training
+TRAIN -> GENERATE: on CUDA the optimizer states go to CPU (core/offload.py); if the actor
+stepped since the last sync (or the engine dropped its weights while asleep), its weights stream
+from the FSDP2 shards into the rollout engine bucket by bucket (core/reshard.py); then, if so
+configured, the parameters go to CPU too; last the engine wakes (its KV cache comes back). GENERATE -> TRAIN: the engine sleeps (SGLang releases its memory) and training
 state comes back. Every switch is timed; every sync reports bytes, seconds
 and GB/s, under `reshard/*`, and peak device memory of each phase under `memory/*` (CUDA only).
 """
@@ -81,6 +81,7 @@ class HybridEngine:
         getattr(self.rollout, "end_weight_update", _nothing)()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()  # the buckets' blocks go back before the engine's KV cache
         seconds = time.perf_counter() - t0
         self.synced_version = self.actor.version
         self.last_sync = {"reshard/bytes": float(received), "reshard/seconds": seconds,

@@ -31,6 +31,11 @@ def run_entry(schema: type[C], body: Callable[[C], R], argv: Sequence[str] | Non
     try:
         torch.manual_seed(cfg.run.seed)
         logger.info("resolved config:\n%s", to_yaml(cfg))
-        return body(cfg)
+        result = body(cfg)
+        # Leave together: a rank that tears its gloo group down while another still works
+        # (rank 0 writing the HF folder) was seen to abort at exit ("terminate called without
+        # an active exception"). Only on success: a failing rank must not wait here.
+        dist.barrier()
+        return result
     finally:
         dist.destroy()

@@ -24,6 +24,7 @@ preceded by a full sync (`needs_full_sync`), even when the actor did not step.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Iterable, Sequence
@@ -161,8 +162,11 @@ class SGLangEngine:
         self.device = device
         self.stop_token_ids = tuple(stop_token_ids)
         rank, world = (tdist.get_rank(), tdist.get_world_size()) if tdist.is_initialized() else (0, 1)
-        if world % cfg.tp_size:
-            raise ValueError(f"rollout.sglang.tp_size={cfg.tp_size} must divide the world size {world}")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if world % cfg.tp_size or local_world % cfg.tp_size:
+            raise ValueError(f"rollout.sglang.tp_size={cfg.tp_size} must divide the processes per "
+                             f"node ({local_world}): a TP group's ranks and SGLang's GPUs "
+                             f"base_gpu_id..+tp_size-1 must be the same GPUs of one node")
         self.tp_rank = rank % cfg.tp_size
         self.group, self.leader_rank = None, rank - self.tp_rank
         if cfg.tp_size > 1:
@@ -191,7 +195,10 @@ class SGLangEngine:
                                       f"(sglang >= 0.5.18): {e}") from e
                 logger.warning("this sglang has no FlattenedTensorBucket; sending tensors one by one")
             else:
-                monkey_patch_torch_reductions()  # CUDA IPC handles that survive device remapping
+                # CUDA IPC handles by GPU UUID, as SGLang's workers expect. Process-wide: after
+                # it, CPU tensors cannot be sent to worker processes through torch.multiprocessing
+                # (nothing in rolegraph does; reward workers receive strings).
+                monkey_patch_torch_reductions()
                 self._bucket_cls, self._serializer = FlattenedTensorBucket, MultiprocessingSerializer
 
     # --- weights -------------------------------------------------------------------------------
@@ -237,13 +244,15 @@ class SGLangEngine:
         payload = self._serializer.serialize({"flattened_tensor": bucket.get_flattened_tensor(),
                                               "metadata": bucket.get_metadata()}, output_str=True)
         payloads = self._gather(payload)
-        if self.engine is not None:
-            check(self.engine.update_weights_from_tensor(named_tensors=payloads,
-                                                         load_format="flattened_bucket",
-                                                         flush_cache=False),
-                  "update_weights_from_tensor")
-        if self.group is not None:
-            tdist.barrier(group=self.group)  # keep `bucket` alive until the leader's call returned
+        try:
+            if self.engine is not None:
+                check(self.engine.update_weights_from_tensor(named_tensors=payloads,
+                                                             load_format="flattened_bucket",
+                                                             flush_cache=False),
+                      "update_weights_from_tensor")
+        finally:
+            if self.group is not None:  # keep `bucket` alive until the leader's call returned
+                tdist.barrier(group=self.group)
         del bucket
         return received
 
@@ -252,7 +261,8 @@ class SGLangEngine:
             if hasattr(self.engine, "end_weight_update"):
                 check(self.engine.end_weight_update(), "end_weight_update")
             check(self.engine.flush_cache(), "flush_cache")
-        self._resume(TAGS_AFTER_SYNC)
+        # The KV cache and CUDA graphs come back in wake(), after the trainer has offloaded
+        # what it offloads (core/hybrid.py), not here.
 
     # --- memory --------------------------------------------------------------------------------
 
@@ -263,8 +273,8 @@ class SGLangEngine:
         self.released |= set(tags)
 
     def wake(self) -> None:
-        """Whatever is still released: all of it when no sync happened (weights unchanged);
-        nothing after a sync, which resumed weights first and the KV cache after."""
+        """Whatever is still released: the KV cache and CUDA graphs after a sync (which brought
+        the weights back first)."""
         self._resume(ALL_TAGS)
 
     # --- generation ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ def _entry(fn: Callable, rank: int, world: int, port: int, out: str, args: tuple
         dist.init_distributed(device="cpu")
         result = fn(*args)
         torch.save(result, Path(out) / f"{rank}.pt")
+        dist.barrier()  # leave together (see launch/entry.py)
     except BaseException:
         (Path(out) / f"{rank}.err").write_text(traceback.format_exc())
         raise

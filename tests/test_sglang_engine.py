@@ -234,7 +234,7 @@ def test_adapter_calls_match_sglang_0_5_21(monkeypatch, flattened):
     engine.begin_weight_update()
     sent = engine.load_weights([("a", weights["a"]), ("b", weights["b"])]) + engine.load_weights([("c", weights["c"])])
     engine.end_weight_update()
-    engine.wake()  # everything is back already: no call
+    engine.wake()  # the KV cache and CUDA graphs come back only now
     assert sent == sum(t.numel() * 2 for t in weights.values())
     assert fake.weights.keys() == weights.keys()
     for n, t in weights.items():
