@@ -1,7 +1,8 @@
 """MLflow tracking for a training run: config params, per-step metrics, files, sample tables, tags.
 
 Only the main process talks to MLflow; on other ranks, or with ``tracking.enabled=false``, the
-``Tracker`` has the same API and does nothing. A tracking error never stops training: the call
+``Tracker`` has the same API and does nothing, and mlflow is never imported (it lives behind
+``core/mlflow_store.py``), so a minimal environment trains with tracking off. A tracking error never stops training: the call
 logs a warning and returns, and after ``max_failures`` failed calls in a row the tracker turns
 itself off for the rest of the run (a dead server would otherwise stall every step: MLflow's
 HTTP client retries a request for about 4 minutes by default). A store that cannot be opened at
@@ -63,6 +64,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import json
 import logging
 import numbers
@@ -72,12 +74,11 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
+if TYPE_CHECKING:
+    from core.mlflow_store import MlflowStore
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def _guarded(method: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(method)
     def call(self: Tracker, *args: Any, **kwargs: Any) -> None:
-        if self._client is None:
+        if self._store is None:
             return
         try:
             method(self, *args, **kwargs)
@@ -150,7 +151,7 @@ class Tracker:
         self.cfg = cfg
         self.run_id: str | None = None
         self.tracking_uri: str | None = None
-        self._client: MlflowClient | None = None
+        self._store: MlflowStore | None = None
         self._failures = 0
         if cfg.enabled and is_main:
             self._open(Path(output_dir).resolve(), resume_run_id)
@@ -158,7 +159,7 @@ class Tracker:
     @property
     def active(self) -> bool:
         """Whether calls reach MLflow (False on other ranks, when disabled, after an outage)."""
-        return self._client is not None
+        return self._store is not None
 
     def should_log_samples(self, step: int) -> bool:
         """True when active and ``step`` is a multiple of ``samples_every`` (0 included)."""
@@ -168,30 +169,29 @@ class Tracker:
     @_guarded
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log a flat mapping (``flatten(cfg)``) as params, skipping ones already logged."""
-        logged = self._client.get_run(self.run_id).data.params  # not empty on a resumed run
+        logged = self._store.params()  # not empty on a resumed run
         new = {valid_key(k): _clip(_param_value(v), _MAX_PARAM_LENGTH) for k, v in params.items()}
         changed = {k: v for k, v in new.items() if k in logged and logged[k] != v}
         if changed:
             logger.warning("MLflow params cannot change; new values of %s kept as tags "
                            "param_changed/<key>", sorted(changed))
             self.set_tags({f"param_changed/{k}": v for k, v in changed.items()})
-        fresh = [Param(k, v) for k, v in new.items() if k not in logged]
+        fresh = [(k, v) for k, v in new.items() if k not in logged]
         for chunk in _chunks(fresh, _MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(self.run_id, params=chunk, synchronous=True)
+            self._store.log_params(dict(chunk))
 
     @_guarded
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         """Log one step's real-valued metrics in one batch; other values are skipped."""
         now_ms = int(time.time() * 1000)
-        batch = [Metric(valid_key(k), float(v), now_ms, int(step))
-                 for k, v in metrics.items() if isinstance(v, numbers.Real)]
+        batch = [(valid_key(k), float(v)) for k, v in metrics.items() if isinstance(v, numbers.Real)]
         for chunk in _chunks(batch, _MAX_METRICS_PER_BATCH):
-            self._client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            self._store.log_metrics(chunk, step=int(step), timestamp_ms=now_ms)
 
     @_guarded
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store ``text`` as the artifact ``artifact_file`` (e.g. "config.yaml", "graph.mmd")."""
-        self._client.log_text(self.run_id, text, artifact_file)
+        self._store.log_text(text, artifact_file)
 
     @_guarded
     def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None:
@@ -200,31 +200,26 @@ class Tracker:
         if not rows:
             return
         self._trim_tables_tag()
-        self._client.log_table(self.run_id, data=_columns(rows),
-                               artifact_file=f"samples/step_{step:06d}.json")
+        self._store.log_table(_columns(rows), f"samples/step_{step:06d}.json")
 
     @_guarded
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a file, or a folder's contents, into the artifacts (under ``artifact_path``)."""
-        path = Path(local_path)
-        if path.is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        self._store.log_artifact(Path(local_path), artifact_path)
 
     @_guarded
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (mutable, unlike params), e.g. ``{"checkpoint/latest": path}``."""
-        batch = [RunTag(valid_key(k), _clip(str(v), _MAX_TAG_LENGTH)) for k, v in tags.items()]
+        batch = [(valid_key(k), _clip(str(v), _MAX_TAG_LENGTH)) for k, v in tags.items()]
         for chunk in _chunks(batch, _MAX_PARAMS_TAGS_PER_BATCH):
-            self._client.log_batch(self.run_id, tags=chunk, synchronous=True)
+            self._store.set_tags(dict(chunk))
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with ``status``; later calls do nothing."""
         if status not in _STATUSES:
             raise ValueError(f"status must be one of {_STATUSES}, got {status!r}")
         self._terminate(status)
-        self._client = None
+        self._store = None
 
     def __enter__(self) -> Tracker:
         return self
@@ -237,17 +232,17 @@ class Tracker:
 
     @_guarded
     def _terminate(self, status: str) -> None:
-        self._client.set_terminated(self.run_id, status)
+        self._store.terminate(status)
 
     def _open(self, output_dir: Path, resume_run_id: str | None) -> None:
         try:
             self.tracking_uri = resolve_tracking_uri(self.cfg, output_dir)
-            self._client, self.run_id = _open_run(self.cfg, self.tracking_uri, output_dir,
-                                                  resume_run_id)
+            self._store = _open_store(self.cfg, self.tracking_uri, output_dir, resume_run_id)
+            self.run_id = self._store.run_id
         except Exception as e:  # no store, no tracking; training goes on
             logger.warning("MLflow tracking off: cannot open a run in %s: %s: %s",
                            self.tracking_uri, type(e).__name__, _short(e))
-            self._client, self.run_id = None, None
+            self._store, self.run_id = None, None
             return
         logger.info("MLflow run %s; UI: mlflow ui --backend-store-uri %s",
                     self.run_id, self.tracking_uri)
@@ -259,62 +254,30 @@ class Tracker:
         if self.cfg.max_failures and self._failures >= self.cfg.max_failures:
             logger.warning("MLflow tracking off for the rest of this run after %d failed calls",
                            self._failures)
-            self._client = None
+            self._store = None
 
     def _trim_tables_tag(self) -> None:
         """Keep the tag listing this run's tables short enough for ``log_table`` to parse it."""
-        raw = self._client.get_run(self.run_id).data.tags.get(_TABLES_TAG, "[]")
+        raw = self._store.tag(_TABLES_TAG, "[]")
         try:
             tables = json.loads(raw)
         except json.JSONDecodeError:  # already cut by MLflow at 8000 characters
-            self._client.set_tag(self.run_id, _TABLES_TAG, "[]")
+            self._store.set_tag(_TABLES_TAG, "[]")
             return
         if len(tables) >= _MAX_TABLES_IN_TAG:
             keep = tables[-(_MAX_TABLES_IN_TAG - 1):]
-            self._client.set_tag(self.run_id, _TABLES_TAG, json.dumps(keep))
+            self._store.set_tag(_TABLES_TAG, json.dumps(keep))
 
 
-def _open_run(cfg: TrackingConfig, uri: str, output_dir: Path,
-              resume_run_id: str | None) -> tuple[MlflowClient, str]:
+def _open_store(cfg: TrackingConfig, uri: str, output_dir: Path, resume_run_id: str | None) -> MlflowStore:
     if uri == _default_uri(output_dir):
         output_dir.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=uri)
-    if resume_run_id is not None and _resume(client, resume_run_id):
-        return client, resume_run_id
-    experiment_id = _experiment_id(client, cfg.experiment, _artifact_location(uri, output_dir))
-    run = client.create_run(experiment_id, run_name=cfg.run_name or output_dir.name,
-                            tags={"output_dir": str(output_dir)})
-    return client, run.info.run_id
-
-
-def _resume(client: MlflowClient, run_id: str) -> bool:
-    """Set the run back to RUNNING; False (with a warning) if it is missing or deleted."""
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as e:
-        logger.warning("cannot resume MLflow run %s (%s); starting a new run", run_id, _short(e))
-        return False
-    if run.info.lifecycle_stage != "active":
-        logger.warning("MLflow run %s is %s; starting a new run", run_id, run.info.lifecycle_stage)
-        return False
-    client.update_run(run_id, status="RUNNING")
-    logger.info("resuming MLflow run %s", run_id)
-    return True
-
-
-def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            return client.create_experiment(name, artifact_location=artifact_location)
-        except MlflowException:  # created by a concurrent run in between
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                raise
-    if experiment.lifecycle_stage != "active":
-        logger.warning("restoring deleted MLflow experiment %r", name)
-        client.restore_experiment(experiment.experiment_id)
-    return experiment.experiment_id
+    # Imported here, not at the top: mlflow is needed only when tracking is on, and a minimal
+    # environment (tracking.enabled=false) must train without it installed.
+    store = importlib.import_module("core.mlflow_store")
+    return store.MlflowStore(uri, experiment=cfg.experiment, run_name=cfg.run_name or output_dir.name,
+                             artifact_location=_artifact_location(uri, output_dir),
+                             tags={"output_dir": str(output_dir)}, resume_run_id=resume_run_id)
 
 
 def _default_uri(output_dir: str | Path) -> str:

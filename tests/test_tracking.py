@@ -314,3 +314,30 @@ def test_should_log_samples(logged):
     never = Tracker(TrackingConfig(samples_every=0), output_dir=logged.out, is_main=True)
     assert never.active and not never.should_log_samples(10)
     never.finish()
+
+
+BLOCK_MLFLOW = """
+import runpy, sys
+sys.modules["mlflow"] = None  # as if not installed: find_spec says None, `import mlflow` fails
+sys.argv = ["launch.train", *sys.argv[1:]]
+runpy.run_module("launch.train", run_name="__main__")
+"""
+
+
+@pytest.mark.dist
+def test_training_with_tracking_off_never_imports_mlflow(tmp_path):
+    """A minimal environment without mlflow (e.g. a lent GPU machine) trains with
+    tracking.enabled=false: one step, world size 1, with every mlflow import refused."""
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR")}
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK_MLFLOW, "--config", "configs/quickstart.yaml", f"run.output_dir={out}",
+         "tracking.enabled=false", "run.steps=1", "data.prompts_per_step=8", "rollout.n=2", "eval.every=0",
+         "data.task.eval_size=20", "data.task.train_size=200"],
+        cwd=root, env={**env, "OMP_NUM_THREADS": "2"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and not (out / "mlflow.db").exists()

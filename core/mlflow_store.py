@@ -1,0 +1,96 @@
+"""The MLflow side of tracking: one run in one store, reached through ``MlflowClient``.
+
+`core.tracking.Tracker` imports this module only when tracking is enabled on the main process,
+so a job with ``tracking.enabled=false`` never imports mlflow (a minimal environment, such as a
+lent GPU machine without it, can train). Values arrive here already valid for MLflow (keys,
+lengths, batch sizes are the Tracker's business).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+logger = logging.getLogger("core.tracking")
+
+
+class MlflowStore:
+    """An open MLflow run: a new one, or ``resume_run_id`` set back to RUNNING."""
+
+    def __init__(self, uri: str, *, experiment: str, run_name: str, artifact_location: str | None,
+                 tags: Mapping[str, str], resume_run_id: str | None) -> None:
+        self.client = MlflowClient(tracking_uri=uri)
+        if resume_run_id is not None and self._resume(resume_run_id):
+            self.run_id = resume_run_id
+            return
+        experiment_id = self._experiment_id(experiment, artifact_location)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+
+    def params(self) -> dict[str, str]:
+        return self.client.get_run(self.run_id).data.params
+
+    def tag(self, name: str, default: str) -> str:
+        return self.client.get_run(self.run_id).data.tags.get(name, default)
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()],
+                              synchronous=True)
+
+    def log_metrics(self, metrics: Sequence[tuple[str, float]], *, step: int, timestamp_ms: int) -> None:
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, timestamp_ms, step) for k, v in metrics],
+                              synchronous=True)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
+
+    def set_tag(self, name: str, value: str) -> None:
+        self.client.set_tag(self.run_id, name, value)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_table(self, data: Mapping[str, list[Any]], artifact_file: str) -> None:
+        self.client.log_table(self.run_id, data=dict(data), artifact_file=artifact_file)
+
+    def log_artifact(self, path: Path, artifact_path: str | None) -> None:
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def terminate(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+
+    def _resume(self, run_id: str) -> bool:
+        """Set the run back to RUNNING; False (with a warning) if it is missing or deleted."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException as e:
+            logger.warning("cannot resume MLflow run %s (%s); starting a new run", run_id,
+                           str(e).strip().replace("\n", " ")[:300])
+            return False
+        if run.info.lifecycle_stage != "active":
+            logger.warning("MLflow run %s is %s; starting a new run", run_id, run.info.lifecycle_stage)
+            return False
+        self.client.update_run(run_id, status="RUNNING")
+        logger.info("resuming MLflow run %s", run_id)
+        return True
+
+    def _experiment_id(self, name: str, artifact_location: str | None) -> str:
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return self.client.create_experiment(name, artifact_location=artifact_location)
+            except MlflowException:  # created by a concurrent run in between
+                experiment = self.client.get_experiment_by_name(name)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage != "active":
+            logger.warning("restoring deleted MLflow experiment %r", name)
+            self.client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
