@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from core import dist
 from core.batch import Batch, GlobalCounts, declare_field
 from core.models import packed_logprobs
 
@@ -101,3 +102,28 @@ class PackedNLL:
         nll = -(logp_BL * mask).sum() / counts.tokens
         return nll, {"nll": nll.detach(), "tokens": mask.sum().detach(),
                      "rows": torch.tensor(float(len(mb)))}
+
+
+@torch.no_grad()
+def held_out_nll(model: torch.nn.Module, examples: Sequence[SFTExample], *, max_len: int, pad_id: int,
+                 rows_per_forward: int, device: torch.device) -> float:
+    """Token-mean NLL of the response tokens of this rank's `examples`, over all ranks
+    (collective: every rank calls it, possibly with no examples, and runs the same number of
+    forwards, since an FSDP2 forward gathers parameters from every rank)."""
+    model.eval()
+    rows = pack(examples, max_len=max_len, pad_id=pad_id) if examples else None
+    mine = -(-len(rows) // rows_per_forward) if rows is not None else 0
+    forwards = int(dist.all_reduce_scalars({"n": float(mine)}, "max")["n"])
+    idle = Batch(packed_ids=torch.full((1, 2), pad_id), packed_pos=torch.arange(2)[None],
+                 loss_mask=torch.zeros((1, 2), dtype=torch.long))
+    loss, total = PackedNLL(model), torch.zeros((), dtype=torch.float64)
+    for k in range(forwards):
+        if k < mine:
+            start = k * rows_per_forward
+            mb = rows.select(range(start, min(start + rows_per_forward, len(rows))))
+        else:
+            mb = idle  # keeps this rank in step with the others; contributes nothing
+        total += loss(mb.to(device), GlobalCounts(tokens=1.0, seqs=1.0))[0].double().cpu()
+    tokens = sum(len(e.response_ids) for e in examples)
+    sums = dist.all_reduce_scalars({"nll": float(total), "tokens": float(tokens)})
+    return sums["nll"] / max(sums["tokens"], 1.0)

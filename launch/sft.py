@@ -32,12 +32,12 @@ import torch
 
 from core import dist
 from core.config import flatten, to_yaml
-from core.data import ShardedSampler, read_prompts, read_sft_pairs
+from core.data import ShardedSampler, read_prompts, read_sft_pairs, shard_rows
 from core.evaluate import evaluate
 from core.hybrid import HybridConfig, HybridEngine
 from core.lora import LoraConfig, apply_lora
 from core.models import ModelConfig, build_model, dtype_of, load_tokenizer, save_hf_folder, shard_model
-from core.packing import PackedNLL, SFTExample, encode_examples, pack
+from core.packing import PackedNLL, SFTExample, encode_examples, held_out_nll, pack
 from core.tasks import build_task, char_tokenizer
 from core.tracking import Tracker, TrackingConfig
 from launch.build import engine_model
@@ -165,6 +165,12 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
                 f.write(json.dumps(row) + "\n")
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
 
+    # On the built-in task the held-out answers are exactly the training targets' format, so
+    # their NLL is a smooth held-out signal next to the (steep, thresholded) accuracy.
+    nll_examples = ([] if held_out is None or cfg.data.train_files else encode_examples(
+        [(r.prompt, r.answer) for r in shard_rows(held_out, info.rank, info.world_size)],
+        tokenizer, max_len=cfg.sft.max_seq_len))
+
     def eval_now(*, first: bool = False) -> dict[str, float]:
         if held_out is None:
             return {}
@@ -174,6 +180,10 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
                        max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                        max_prompt_len=cfg.data.max_prompt_len)
         rollout.sleep()  # the engine's memory (KV cache; SGLang: everything) back to training
+        if not cfg.data.train_files:
+            out["eval/nll"] = held_out_nll(actor.model, nll_examples, max_len=cfg.sft.max_seq_len,
+                                           pad_id=tokenizer.pad_token_id,
+                                           rows_per_forward=cfg.actor.micro_batch_size, device=info.device)
         return out
 
     record({"step": 0, **eval_now(first=True)})

@@ -122,6 +122,8 @@ def test_lora_merge_matches_peft_merge_and_unload():
         list(merged_weights(named[:dropped] + named[dropped + 1:], scalings))
 
 
+MIN_DROP = {False: 1.5, True: 0.8}
+"""Least drop of held-out NLL (nats per answer token) asserted, full / LoRA (see the test)."""
 SFT_2DIGIT = ["run.steps=300", "eval.every=0", "data.task.digits=2", "data.task.eval_size=200",
               "data.task.train_size=5000", "data.task.teacher_carry_drop=0", "sft.max_seq_len=64",
               "actor.warmup_steps=10", "actor.lr=3e-3"]
@@ -148,21 +150,31 @@ def held_out_accuracy(model_dir: str, eval_size: int, digits: int) -> float:
 @pytest.mark.dist
 @pytest.mark.parametrize("lora", [False, True])
 def test_sft_raises_held_out_accuracy_above_the_untrained_model(tmp_path, lora):
-    """From random weights, 2-digit addition, 300 steps, 2 processes. Measured: full 0.0 -> 0.11,
-    LoRA (r=16 on every linear layer, 15% of the weights trainable) 0.0 -> 0.095."""
+    """From random weights, 2-digit addition, 300 steps, 2 processes. The robust signal is the
+    held-out NLL of the correct answers (eval/nll); accuracy at 300 steps sits on the steep part
+    of the learning curve, so it only has to beat the untrained model.
+
+    Measured over run.seed 0-3 (2026-12-01, transformers 5.24, torch 2.13, 2 processes):
+    full fine-tuning eval/nll 3.05-3.16 -> 0.20-0.65 (drops 2.51, 2.88, 2.42, 2.53: mean 2.59,
+    sd 0.20), accuracy 0.0 -> 0.11, 0.93, 0.145, 0.23; LoRA (r=16 on every linear layer, 15% of
+    the weights trainable) eval/nll -> 1.14-1.58 (drops 1.65, 1.72, 1.91, 1.55: mean 1.71, sd
+    0.15), accuracy 0.0 -> 0.095, 0.32, 0.87, 0.07. Asserted: a drop of at least MIN_DROP
+    (1.5 full, 0.8 LoRA: about 5 standard deviations below the mean drop), and accuracy above
+    the untrained model's (another machine measured 0.045 for LoRA at seed 0)."""
     out = tmp_path / "sft"
     torchrun("configs/quickstart-sft.yaml", f"run.output_dir={out}", *SFT_2DIGIT,
              f"sft.lora.enabled={str(lora).lower()}", module="launch.sft")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    first, last = rows[0]["eval/accuracy"], rows[-1]["eval/accuracy"]
-    assert rows[0]["step"] == 0 and rows[-1]["step"] == 300
-    assert last >= 0.05 and last > first + 0.04, (first, last)
+    first, last = rows[0], rows[-1]
+    assert first["step"] == 0 and last["step"] == 300
+    assert first["eval/nll"] - last["eval/nll"] >= MIN_DROP[lora], (first, last)
+    assert last["eval/accuracy"] >= first["eval/accuracy"] + 0.02, (first, last)
     assert rows[-1]["sft/nll"] < rows[1]["sft/nll"] - 0.5
     assert (out / "adapter" / "adapter_config.json").exists() == lora
     # The saved folder (LoRA merged by peft) scores what the engine scored with the adapters
     # folded in during training.
     saved = run_distributed(held_out_accuracy, str(out / "hf"), 200, 2, world_size=1)[0]
-    assert saved == pytest.approx(last, abs=0.011)
+    assert saved == pytest.approx(last["eval/accuracy"], abs=0.011)
 
 
 @pytest.mark.dist
