@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from tests.dist_utils import run_distributed
 from tests.helpers import random_batch, tiny_model_config
@@ -24,25 +29,106 @@ def comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if not k.startswith(VOLATILE)} for r in rows]
 
 
+def dcp_state(checkpoint: Path) -> dict[str, Any]:
+    """Every tensor and value of a checkpoint's DCP state (model weights and optimizer state of
+    each role), read back without a process group: {"actor": {"model": ..., "optim": ...}}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(checkpoint / "state"), f"{tmp}/state.pt")
+        return torch.load(f"{tmp}/state.pt", weights_only=False)
+
+
+def local_states(checkpoint: Path) -> list[dict[str, Any]]:
+    return [torch.load(p, weights_only=True) for p in sorted(checkpoint.glob("rank_*.pt"))]
+
+
+def assert_same(got: Any, want: Any, where: str = "") -> None:
+    """Equal by value, recursively; tensors bitwise (torch.equal, same dtype and shape)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), \
+            f"{where}: keys differ: {sorted(map(str, set(got) ^ set(want)))[:10]}"
+        for k in want:
+            assert_same(got[k], want[k], f"{where}/{k}")
+    elif isinstance(want, (list, tuple)):
+        assert isinstance(got, (list, tuple)) and len(got) == len(want), f"{where}: lengths differ"
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_same(g, w, f"{where}[{i}]")
+    elif isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.shape == want.shape, where
+        assert torch.equal(got, want), f"{where}: max |diff| {(got.double() - want.double()).abs().max()}"
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+def assert_full_state_present(state: dict[str, Any]) -> None:
+    """The comparison covers what resume needs: weights and Adam's moments and step counts."""
+    actor = state["actor"]
+    assert len(actor["model"]) > 10 and actor["optim"]["state"]
+    for moments in actor["optim"]["state"].values():
+        assert set(moments) == {"exp_avg", "exp_avg_sq", "step"} and moments["exp_avg_sq"].abs().sum() > 0
+
+
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> list[dict]:
+def straight(tmp_path_factory) -> SimpleNamespace:
     out = tmp_path_factory.mktemp("straight")
     torchrun("configs/quickstart.yaml", f"run.output_dir={out}", *SMALL)
-    return read_metrics(out)
+    return SimpleNamespace(out=out, rows=read_metrics(out))
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> SimpleNamespace:
+    """The SMALL run stopped after step 2 (its checkpoint kept aside) and resumed to step 4."""
+    out = tmp_path_factory.mktemp("resumed")
+    torchrun("configs/quickstart.yaml", f"run.output_dir={out}", *SMALL, "run.stop_after=2")
+    first_rows = read_metrics(out)
+    step2 = out.parent / f"{out.name}-step2"
+    shutil.copytree(out / "checkpoints" / "step_000002", step2)
+    proc = torchrun("configs/quickstart.yaml", f"run.output_dir={out}", *SMALL)
+    return SimpleNamespace(out=out, first_rows=first_rows, step2=step2, stdout=proc.stdout)
 
 
 @pytest.mark.dist
-def test_resume_is_bitwise_identical(tmp_path, straight):
-    """4 steps straight == 2 steps, stop, resume, 2 steps: every non-timing metric, bitwise."""
-    out = tmp_path / "resumed"
-    torchrun("configs/quickstart.yaml", f"run.output_dir={out}", *SMALL, "run.stop_after=2")
-    assert [r["step"] for r in read_metrics(out)] == [0, 1, 2]
-    proc = torchrun("configs/quickstart.yaml", f"run.output_dir={out}", *SMALL)
-    assert "resumed from" in proc.stdout
-    assert comparable(read_metrics(out)) == comparable(straight)
-    assert (out / "hf" / "model.safetensors").exists()
-    from tests.test_train_e2e import check_mlflow_run
-    check_mlflow_run(out, read_metrics(out))  # one MLflow run across the restart, every step
+def test_resume_is_bitwise_identical(straight, resumed):
+    """4 steps straight == 2 steps, stop, resume, 2 steps: every non-timing metric, the final
+    checkpoint's weights and optimizer state, each rank's local state (data position,
+    scheduler, counters) and the exported weights, all bitwise (same world size, CPU)."""
+    from safetensors.torch import load_file
+    out = resumed.out
+    assert [r["step"] for r in resumed.first_rows] == [0, 1, 2]
+    assert "resumed from" in resumed.stdout
+    assert comparable(read_metrics(out)) == comparable(straight.rows)
+    final, want = out / "checkpoints" / "step_000004", straight.out / "checkpoints" / "step_000004"
+    state = dcp_state(final)
+    assert_full_state_present(state)
+    assert_same(state, dcp_state(want))
+    # the resumed run really moved on from its step-2 checkpoint (else the equality is vacuous)
+    assert not torch.equal(state["actor"]["model"]["model.norm.weight"],
+                           dcp_state(resumed.step2)["actor"]["model"]["model.norm.weight"])
+    # RNG states are compared in the next test (a known divergence)
+    assert_same(without_rng(local_states(final)), without_rng(local_states(want)))
+    assert_same(load_file(out / "hf" / "model.safetensors"),
+                load_file(straight.out / "hf" / "model.safetensors"))
+
+
+def without_rng(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in s.items() if k != "rng"} for s in states]
+
+
+@pytest.mark.dist
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: the resumed run's global torch RNG is 2 draws ahead of the uninterrupted run's. "
+    "launch/state.py load_local_state restores the RNG, then PromptStream.load_state_dict sets "
+    "_it = None, and the next `iter(self.loader)` (core/data.py PromptStream.__next__) draws "
+    "the DataLoader's base seed from the global RNG, which the uninterrupted run drew at step 1. "
+    "Latent today (nothing in training samples from the global torch RNG, so metrics and "
+    "weights stay bitwise equal); giving the StatefulDataLoader its own torch.Generator (or "
+    "restoring the RNG after the iterator exists) would fix it."))
+def test_resumed_torch_rng_state_is_the_uninterrupted_runs(straight, resumed):
+    """The checkpoint carries the torch RNG so that a resumed run continues the same stream.
+    (Python's and NumPy's global RNGs are left out: no entry point seeds them, so two straight
+    runs already differ there, and nothing in the library draws from them.)"""
+    final, want = resumed.out / "checkpoints" / "step_000004", straight.out / "checkpoints" / "step_000004"
+    for got, expect in zip(local_states(final), local_states(want), strict=True):
+        assert_same(got["rng"]["torch"], expect["rng"]["torch"])
 
 
 def _find_worker(rank: int, output_dir: Path) -> int | None:
@@ -91,25 +177,43 @@ def test_sigkill_mid_run_restarts_and_resumes_without_losing_steps(tmp_path, str
     assert "resumed from" in log
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]  # nothing lost, nothing twice
-    assert comparable(rows) == comparable(straight)
+    assert comparable(rows) == comparable(straight.rows)
+    # ... and ends with bitwise the weights and optimizer state of the uninterrupted run
+    final, want = out / "checkpoints" / "step_000004", straight.out / "checkpoints" / "step_000004"
+    assert_same(dcp_state(final), dcp_state(want))
+    # RNG left out: see test_resumed_torch_rng_state_is_the_uninterrupted_runs
+    assert_same(without_rng(local_states(final)), without_rng(local_states(want)))
 
 
-def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
-    run_distributed(_crash_during_save, str(tmp_path), world_size=1)
+@pytest.mark.dist
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+    """A save that dies after writing its shards but before its manifest: `auto` resumes from
+    the previous checkpoint, which holds bitwise the weights saved then, not the torn save's."""
+    saved, changed = run_distributed(_crash_during_save, str(tmp_path), world_size=1)[0]
     from core.checkpoint import CheckpointConfig, Checkpointer
     ck = Checkpointer(CheckpointConfig(), tmp_path)
     assert [p.name for p in ck.complete()] == ["step_000001"]
-    assert ck.resolve("auto").name == "step_000001"
-    assert list((tmp_path / "checkpoints").glob("step_000002.tmp-*"))  # the torn save, ignored
+    latest = ck.resolve("auto")
+    assert latest.name == "step_000001"
+    assert_same(dcp_state(latest)["m"]["model"], saved)
+    assert_same(local_states(latest), [{"x": 1}])
+    (torn,) = (tmp_path / "checkpoints").glob("step_000002.tmp-*")  # the torn save, ignored
+    assert_same(dcp_state(torn)["m"]["model"], changed)  # it did hold other weights
+    assert not any(torch.equal(saved[k], changed[k]) for k in saved)
 
 
-def _crash_during_save(out: str) -> None:
+def _crash_during_save(out: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     import torch.distributed.checkpoint as dcp
     import core.checkpoint as ckpt
     from core.models import build_model
     model = build_model(tiny_model_config(), seed=0)
     ck = ckpt.Checkpointer(ckpt.CheckpointConfig(), out)
     ck.save(1, sharded={"m": ckpt.ShardedState(model)}, local={"x": 1}, meta={})
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)  # what step 2 would save differs from step 1 everywhere
+    changed = {k: v.detach().clone() for k, v in model.state_dict().items()}
     real = dcp.save
 
     def torn(state, checkpoint_id):  # write the shards, then die before the manifest
@@ -122,24 +226,70 @@ def _crash_during_save(out: str) -> None:
         pass
     finally:
         ckpt.dcp.save = real
+    return saved, changed
+
+
+def _resume_state_in_this_group(checkpoint: str) -> dict[str, Any]:
+    """What `launch.train` restores from `checkpoint` in this process group (the same
+    build_job, Checkpointer.load, sharded_state and load_local_state as Trainer._start), with
+    the actor's weights and optimizer state as full tensors."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    from core.checkpoint import Checkpointer
+    from core.config import load_config
+    from launch.build import build_job
+    from launch.config import JobConfig
+    from launch.state import load_local_state, sharded_state
+    cfg = load_config(JobConfig, str(ROOT / "configs" / "quickstart.yaml"), SMALL)
+    job = build_job(cfg)
+    local, _ = Checkpointer(cfg.checkpoint, cfg.run.output_dir).load(Path(checkpoint),
+                                                                     sharded=sharded_state(job))
+    load_local_state(job, local)
+    ts = job.roles["actor"].train_state
+    model_sd, optim_sd = get_state_dict(ts.model, ts.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {"model": model_sd, "optim": optim_sd, "local": ts.local_state()}
 
 
 @pytest.mark.dist
 def test_resume_two_ranks_checkpoint_with_one_process(tmp_path):
+    """A 2-process checkpoint resumed by 1 process: DCP reshards on load, and loading is a copy
+    of the saved shards (no arithmetic), so the weights and Adam state the 1-process run starts
+    from are bitwise the 2-process ones. (The step it then takes is not compared with a
+    2-process step: data order and sampling seeds differ after a world-size change, see
+    core/checkpoint.py, and so would the gradient all-reduce order.)"""
     a, b = tmp_path / "two", tmp_path / "one"
     torchrun("configs/quickstart.yaml", f"run.output_dir={a}", *SMALL, "run.steps=2")
+    ckpt = a / "checkpoints" / "step_000002"
+    saved = dcp_state(ckpt)
+    assert_full_state_present(saved)
+    # the 2-process run's export is its checkpointed weights
+    from safetensors.torch import load_file
+    exported = load_file(a / "hf" / "model.safetensors")
+    assert_same({k: saved["actor"]["model"][k] for k in exported}, exported)
+
+    loaded = run_distributed(_resume_state_in_this_group, str(ckpt), world_size=1)[0]
+    assert_same(loaded["model"], saved["actor"]["model"])
+    assert_same(loaded["optim"], saved["actor"]["optim"])
+    assert_same(loaded["local"], local_states(ckpt)[0]["actor"])  # scheduler, optimizer step count
+
     torchrun("configs/quickstart.yaml", f"run.output_dir={b}", *SMALL, "run.steps=3",
-             f"run.resume={a}/checkpoints/step_000002", nproc=1)
+             f"run.resume={ckpt}", nproc=1)
     rows = read_metrics(b)
     assert [r["step"] for r in rows] == [3]  # continued after the 2-process checkpoint's step
-    from safetensors.torch import load_file
-    # the 1-process run started from exactly the 2-process weights: same first-step loss input
-    assert load_file(a / "hf" / "model.safetensors").keys() == load_file(b / "hf" / "model.safetensors").keys()
+    after = dcp_state(b / "checkpoints" / "step_000003")
+    # Adam continued from the loaded moments: 2 saved optimizer steps + 1 (a fresh optimizer
+    # would count 1), and the weights moved from the loaded ones
+    assert {float(m["step"]) for m in after["actor"]["optim"]["state"].values()} == {3.0}
+    assert {float(m["step"]) for m in saved["actor"]["optim"]["state"].values()} == {2.0}
+    assert (local_states(b / "checkpoints" / "step_000003")[0]["actor"]["version"]
+            == local_states(ckpt)[0]["actor"]["version"] + 1)
+    assert not torch.equal(after["actor"]["model"]["model.norm.weight"],
+                           saved["actor"]["model"]["model.norm.weight"])
 
 
-def _export_and_logits(out: str) -> torch.Tensor:
+def _export_and_logits(out: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     from core import dist
-    from core.models import build_model, save_hf_folder, shard_model, token_logprobs
+    from core.models import build_model, full_state_dict, save_hf_folder, shard_model, token_logprobs
     from core.tasks import char_tokenizer
     from roles.actor import Actor
     from algorithms.losses import PolicyLoss
@@ -148,18 +298,22 @@ def _export_and_logits(out: str) -> torch.Tensor:
     batch = random_batch(0, B=8)
     actor.update(batch.with_fields(old_logp=actor.log_probs(batch)), loss_fn=PolicyLoss())
     save_hf_folder(actor.model, char_tokenizer(), out, is_main=dist.info().is_main)
+    weights = full_state_dict(actor.model)
     with torch.no_grad():
-        return token_logprobs(actor.model, batch)[0]
+        return token_logprobs(actor.model, batch)[0], weights
 
 
 @pytest.mark.dist
 def test_export_loads_with_from_pretrained_and_matches_the_actor(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from core.models import token_logprobs
-    actor_logp = run_distributed(_export_and_logits, str(tmp_path / "hf"), world_size=2)[0]
+    actor_logp, actor_weights = run_distributed(_export_and_logits, str(tmp_path / "hf"), world_size=2)[0]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
+    # the export is a copy of the trained 2-process weights: bitwise
+    assert_same(dict(model.state_dict()), actor_weights)
     with torch.no_grad():
         exported = token_logprobs(model, random_batch(0, B=8))[0]
+    # logits: a tolerance, as the sharded forward and the plain one may order reductions differently
     torch.testing.assert_close(exported, actor_logp, rtol=1e-5, atol=1e-6)
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").decode([5, 6]) == "23"
 
