@@ -115,6 +115,7 @@ def anchor_run(mode: str) -> list[float]:
     return out
 
 
+@pytest.mark.dist
 def test_reference_anchor_reset_and_ema_on_two_ranks():
     runs = run_distributed(anchor_runs, world_size=2)[0]
     fixed, reset, ema = runs["fixed"], runs["reset"], runs["ema"]
@@ -167,6 +168,7 @@ def guard_run() -> dict:
     return {"skipped": skipped, "error": error, "unchanged": unchanged}
 
 
+@pytest.mark.dist
 def test_non_finite_updates_are_skipped_then_stop_the_run():
     r = run_distributed(guard_run, world_size=2)[0]
     assert r["skipped"] == [1.0, 2.0]            # counted and logged; the weights never moved
