@@ -11,8 +11,10 @@ import importlib.metadata as md
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -78,12 +80,33 @@ def test_a_stage_that_raises_or_hangs_is_recorded_and_the_next_still_runs(tmp_pa
     assert proc.returncode == 1
     assert_reports_cover_every_stage(out, report, ["torch_engine", "fsdp_bf16", "environment"])
     raised, hung, env = report["stages"]
-    assert raised["status"] == "error" and "max_new_tokens and n must be >= 1" in raised["error"]
+    assert raised["status"] == "error" and "max_new_tokens and n must be >= 1" in raised["error"], raised
     assert "SamplingParams" in raised["traceback"] and raised["params"]["new_tokens"] == 0
-    assert hung["status"] == "timeout" and "timed out after 1 s" in hung["error"]
+    assert hung["status"] == "timeout" and "timed out after 1 s" in hung["error"], hung
     assert hung["seconds"] < 20  # killed, not waited for
-    assert env["status"] == "passed" and env["figures"]["torch"]
+    assert env["status"] == "passed" and env["figures"]["torch"], env
     assert "max_new_tokens and n must be >= 1" in (out / "gpu_check.md").read_text()
+
+
+def test_a_stopped_check_kills_its_stage_and_leaves_both_reports(tmp_path):
+    """SIGTERM to the check while a stage runs: the stage's process group is killed, the
+    reports say so, later stages stay pending."""
+    out = tmp_path / "check"
+    proc = subprocess.Popen([sys.executable, "tools/gpu_check.py", "--device", "cpu", "--out", str(out),
+                             "--stages", "fsdp_bf16,environment"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = out / "stages" / "fsdp_bf16" / "log.txt"
+    deadline = time.monotonic() + 60
+    while not log.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130, proc.stdout.read()
+    report = json.loads((out / "gpu_check.json").read_text())
+    stopped, later = report["stages"]
+    assert stopped["status"] == "interrupted" and later["status"] == "pending" and not report["finished"]
+    with pytest.raises(ProcessLookupError):
+        os.killpg(stopped["pid"], 0)  # nothing of the stage is left running
+    assert "| fsdp_bf16 | interrupted |" in (out / "gpu_check.md").read_text()
 
 
 def test_unknown_stage_keys_are_refused_with_the_valid_ones(tmp_path):

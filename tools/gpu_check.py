@@ -53,7 +53,15 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # annotations only: stages import these at run time (see above)
+    import torch
+    from core.batch import Batch
+    from core.dist import DistInfo
+    from core.models import ModelConfig
+    from roles.actor import Actor
+    from roles.torch_engine import TorchEngine, TorchEngineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -120,33 +128,33 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _torch_device(device: str):
-    import torch  # noqa: PLC0415  (stages import torch themselves; see the module docstring)
+def _torch_device(device: str) -> torch.device:
+    import torch
     return torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
 
 
-def _sync(device) -> None:
-    import torch  # noqa: PLC0415
+def _sync(device: torch.device) -> None:
+    import torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _init_dist(device: str):
-    from core import dist  # noqa: PLC0415
+def _init_dist(device: str) -> DistInfo:
+    from core import dist
     return dist.init_distributed(device=device)
 
 
-def _model_config(shape: str, vocab: int):
+def _model_config(shape: str, vocab: int) -> ModelConfig:
     """The launch.bench shape `shape` (vocab from the shape, else `vocab`)."""
-    from core.models import ModelConfig  # noqa: PLC0415
-    from launch.bench import SHAPES  # noqa: PLC0415
+    from core.models import ModelConfig
+    from launch.bench import SHAPES
     return ModelConfig(config={"vocab_size": vocab, **SHAPES[shape]})
 
 
-def _random_batch(*, seed: int, B: int, P: int, R: int, vocab: int):
+def _random_batch(*, seed: int, B: int, P: int, R: int, vocab: int) -> Batch:
     """Left-padded prompts, right-padded responses of varied lengths, random advantages."""
-    import torch  # noqa: PLC0415
-    from core.batch import Batch  # noqa: PLC0415
+    import torch
+    from core.batch import Batch
     g = torch.Generator().manual_seed(seed)
     prompt_len = torch.randint(max(1, P // 2), P + 1, (B,), generator=g)
     resp_len = torch.randint(max(1, R // 2), R + 1, (B,), generator=g)
@@ -160,17 +168,17 @@ def _random_batch(*, seed: int, B: int, P: int, R: int, vocab: int):
                  group_ids=torch.arange(B) // 4)
 
 
-def _full(t):
+def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().cpu()
 
 
-def _full_params(model) -> dict:
+def _full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: _full(p).clone() for n, p in model.named_parameters()}
 
 
 def stage_environment(rep: Report, p: dict[str, Any], device: str) -> None:
-    import importlib.metadata as md  # noqa: PLC0415
-    import torch  # noqa: PLC0415
+    import importlib.metadata as md
+    import torch
     rep.figures({"python": platform.python_version(), "torch": torch.__version__,
                  "cuda": torch.version.cuda, "cpu_count": os.cpu_count(), "host": platform.node()})
     for dist_name in ("transformers", "tokenizers", "torchdata", "math-verify", "mlflow", "peft", "numpy"):
@@ -180,7 +188,7 @@ def stage_environment(rep: Report, p: dict[str, Any], device: str) -> None:
             rep.figure(dist_name, "not installed")
     rep.figure("cuda_available", torch.cuda.is_available())
     if device != "cuda":
-        rep.figure("device_name", platform.processor() or platform.machine())
+        rep.figure("device_name", _cpu_model())
         rep.check("device", True, "cpu requested")
         return
     t0 = time.perf_counter()
@@ -189,22 +197,40 @@ def stage_environment(rep: Report, p: dict[str, Any], device: str) -> None:
     y = (x @ x).float().sum()
     _sync(dev)
     props = torch.cuda.get_device_properties(dev)
+    nccl = torch.cuda.nccl.version()  # a tuple in recent releases, an int in old ones
     rep.figures({"cuda_init_s": time.perf_counter() - t0, "device_name": props.name,
                  "device_count": torch.cuda.device_count(),
                  "capability": f"{props.major}.{props.minor}",
-                 "memory_gb": props.total_memory / 1e9,
-                 "nccl": ".".join(map(str, torch.cuda.nccl.version())),
-                 "cudnn": torch.backends.cudnn.version(), "driver_free_gb": torch.cuda.mem_get_info(dev)[0] / 1e9,
-                 "bf16_supported": torch.cuda.is_bf16_supported()})
+                 "memory_gb": props.total_memory / 1e9, "free_memory_gb": torch.cuda.mem_get_info(dev)[0] / 1e9,
+                 "nccl": ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl),
+                 "cudnn": torch.backends.cudnn.version(), "bf16_supported": torch.cuda.is_bf16_supported(),
+                 "nvidia_smi": _nvidia_smi()})
     rep.check("bf16_matmul_finite", math.isfinite(float(y)), f"sum of a 1024^2 bf16 matmul: {float(y):.4g}")
 
 
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M) if cpuinfo.exists() else []
+    return f"{names[0]} ({os.cpu_count()} cores)" if names else platform.machine()
+
+
+def _nvidia_smi() -> str | None:
+    """Name, driver, memory, max SM clock and power limit as nvidia-smi reports them."""
+    query = "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit"
+    try:
+        out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def stage_fsdp_bf16(rep: Report, p: dict[str, Any], device: str) -> None:
-    import torch  # noqa: PLC0415
-    from algorithms.losses import PolicyLoss  # noqa: PLC0415
-    from core import dist  # noqa: PLC0415
-    from core.models import ModelConfig, build_model, shard_model  # noqa: PLC0415
-    from roles.actor import Actor  # noqa: PLC0415
+    import torch
+    from algorithms.losses import PolicyLoss
+    from core import dist
+    from core.models import ModelConfig, build_model, shard_model
+    from roles.actor import Actor
 
     info = _init_dist(device)
     rep.figures({"backend": info.backend, "world_size": info.world_size, "device": str(info.device)})
@@ -244,9 +270,9 @@ def stage_fsdp_bf16(rep: Report, p: dict[str, Any], device: str) -> None:
         rep.figure("peak_allocated_gb", torch.cuda.max_memory_allocated(info.device) / 1e9)
 
 
-def _check_collectives(rep: Report, info) -> None:
-    import torch  # noqa: PLC0415
-    import torch.distributed as tdist  # noqa: PLC0415
+def _check_collectives(rep: Report, info: DistInfo) -> None:
+    import torch
+    import torch.distributed as tdist
     t = torch.arange(4.0, device=info.device)
     tdist.all_reduce(t)
     out = torch.empty(4 * info.world_size, device=info.device)
@@ -256,9 +282,9 @@ def _check_collectives(rep: Report, info) -> None:
     rep.check("collectives", ok, f"all_reduce and all_gather_into_tensor on {info.backend}")
 
 
-def _compare_update(rep: Report, grads: dict, before: dict, after_ref: dict, after_bf16: dict,
-                    lr: float) -> None:
-    import torch  # noqa: PLC0415
+def _compare_update(rep: Report, grads: dict[str, dict[str, torch.Tensor]], before: dict[str, torch.Tensor],
+                    after_ref: dict[str, torch.Tensor], after_bf16: dict[str, torch.Tensor], lr: float) -> None:
+    import torch
     loss_diff = abs(rep.data["figures"]["loss_bf16_fsdp"] - rep.data["figures"]["loss_fp32_cpu"])
     g_ref, g_bf = grads["fp32_cpu"], grads["bf16_fsdp"]
     grad_err = math.sqrt(sum(float((g_bf[n] - g).pow(2).sum()) for n, g in g_ref.items()))
@@ -285,28 +311,31 @@ def _compare_update(rep: Report, grads: dict, before: dict, after_ref: dict, aft
               f"max |diff| {max_diff:.3f} lr <= {TOLERANCE['param_max_abs_in_lr']} lr")
 
 
-def _sharded_actor(p: dict[str, Any], device, *, seed: int):
-    import torch  # noqa: PLC0415
-    from core import dist  # noqa: PLC0415
-    from core.models import build_model, shard_model  # noqa: PLC0415
-    from roles.actor import Actor  # noqa: PLC0415
+def _sharded_actor(p: dict[str, Any], device: torch.device, *, seed: int, micro_batch: int = 8) -> Actor:
+    """The FSDP2 actor at the shape p["shape"], bf16 compute, float32 masters, as launch.build
+    places it (sharded on CPU, then moved to the device)."""
+    import torch
+    from core import dist
+    from core.models import build_model, shard_model
+    from roles.actor import Actor
     model = shard_model(build_model(_model_config(p["shape"], p["vocab"]), seed=seed), dist.mesh(),
                         param_dtype=torch.bfloat16).to(device)
-    return Actor(Actor.Config(lr=1e-5, micro_batch_size=p.get("micro_batch", 8), param_dtype="bfloat16"),
+    return Actor(Actor.Config(lr=1e-5, micro_batch_size=micro_batch, param_dtype="bfloat16"),
                  model, total_steps=4)
 
 
-def _engine(p: dict[str, Any], device, options=None, *, model=None):
-    import torch  # noqa: PLC0415
-    from core.models import build_model  # noqa: PLC0415
-    from roles.torch_engine import TorchEngine  # noqa: PLC0415
+def _engine(p: dict[str, Any], device: torch.device, options: TorchEngineConfig | None = None, *,
+            model: torch.nn.Module | None = None) -> TorchEngine:
+    import torch
+    from core.models import build_model
+    from roles.torch_engine import TorchEngine
     model = model if model is not None else build_model(_model_config(p["shape"], p["vocab"]), seed=1)
     return TorchEngine(model, pad_token_id=0, device=device, dtype=torch.bfloat16, options=options)
 
 
 def stage_weight_sync(rep: Report, p: dict[str, Any], device: str) -> None:
-    import torch  # noqa: PLC0415
-    from core.hybrid import HybridConfig, HybridEngine  # noqa: PLC0415
+    import torch
+    from core.hybrid import HybridConfig, HybridEngine
     info = _init_dist(device)
     t0 = time.perf_counter()
     actor, engine = _sharded_actor(p, info.device, seed=0), _engine(p, info.device)
@@ -330,8 +359,8 @@ def stage_weight_sync(rep: Report, p: dict[str, Any], device: str) -> None:
     rep.check("bytes", runs[0]["reshard/bytes"] == expected, f"{runs[0]['reshard/bytes']:.0f} == 2 x params")
 
 
-def _prompts(*, n: int, length: int, vocab: int, seed: int):
-    import torch  # noqa: PLC0415
+def _prompts(*, n: int, length: int, vocab: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(max(1, length // 2), length + 1, (n,), generator=g)
     mask = (torch.arange(length)[None] >= length - lens[:, None]).long()
@@ -339,11 +368,11 @@ def _prompts(*, n: int, length: int, vocab: int, seed: int):
 
 
 def stage_torch_engine(rep: Report, p: dict[str, Any], device: str) -> None:
-    import dataclasses  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-    from core.models import build_model  # noqa: PLC0415
-    from roles.engine import SamplingParams  # noqa: PLC0415
-    from roles.torch_engine import TorchEngineConfig  # noqa: PLC0415
+    import dataclasses
+    import torch
+    from core.models import build_model
+    from roles.engine import SamplingParams
+    from roles.torch_engine import TorchEngineConfig
     dev = _torch_device(device)
     model = build_model(_model_config(p["shape"], p["vocab"]), seed=0)
     ids, mask = _prompts(n=p["prompts"], length=p["prompt_len"], vocab=p["vocab"], seed=3)
@@ -376,8 +405,8 @@ def stage_torch_engine(rep: Report, p: dict[str, Any], device: str) -> None:
         rep.figure("peak_allocated_gb", torch.cuda.max_memory_allocated(dev) / 1e9)
 
 
-def _compare_tokens(rep: Report, base: str, name: str, tokens: dict) -> None:
-    import torch  # noqa: PLC0415
+def _compare_tokens(rep: Report, base: str, name: str, tokens: dict[str, torch.Tensor]) -> None:
+    import torch
     a, b = tokens[base], tokens[name]
     width = min(a.shape[1], b.shape[1])
     differ = a[:, :width] != b[:, :width]
@@ -391,14 +420,15 @@ def _compare_tokens(rep: Report, base: str, name: str, tokens: dict) -> None:
 
 
 def stage_offload(rep: Report, p: dict[str, Any], device: str) -> None:
-    import torch  # noqa: PLC0415
-    from algorithms.losses import PolicyLoss  # noqa: PLC0415
-    from core.graph import Phase  # noqa: PLC0415
-    from core.hybrid import HybridConfig, HybridEngine  # noqa: PLC0415
-    from core.offload import MemoryHandoff  # noqa: PLC0415
-    from roles.engine import SamplingParams  # noqa: PLC0415
+    import torch
+    from algorithms.losses import PolicyLoss
+    from core.graph import Phase
+    from core.hybrid import HybridConfig, HybridEngine
+    from core.offload import MemoryHandoff
+    from roles.engine import SamplingParams
     info = _init_dist(device)
-    actor, engine = _sharded_actor(p, info.device, seed=0), _engine(p, info.device)
+    actor = _sharded_actor(p, info.device, seed=0, micro_batch=p["micro_batch"])
+    engine = _engine(p, info.device)
     cfg = HybridConfig(offload_optimizer=True, offload_params=p["offload_params"])
     handoff = MemoryHandoff(optimizers=[actor.optimizer], modules=[actor.model], device=info.device,
                             offload_optimizer=cfg.offload_optimizer, offload_params=cfg.offload_params)
@@ -427,12 +457,13 @@ def stage_offload(rep: Report, p: dict[str, Any], device: str) -> None:
               "the update after the cycle gives finite metrics")
 
 
-def _allocated_gb(device) -> float:
-    import torch  # noqa: PLC0415
+def _allocated_gb(device: torch.device) -> float:
+    import torch
     return torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
 
 
-def _check_handoff(rep: Report, actor, device, active: bool, allocated: dict[str, float]) -> None:
+def _check_handoff(rep: Report, actor: Actor, device: torch.device, active: bool,
+                   allocated: dict[str, float]) -> None:
     local = lambda t: t._local_tensor if hasattr(t, "_local_tensor") else t  # noqa: E731
     where = {local(v).device.type for s in actor.optimizer.state.values() for k, v in s.items() if k != "step"}
     where |= {local(q).device.type for q in actor.model.parameters()}
@@ -463,7 +494,8 @@ def _torchrun(module: str, overrides: list[str], work: Path, device: str) -> Non
         rc = subprocess.run(cmd, cwd=ROOT, env=_child_env(), stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         lines = log.read_text(errors="replace").splitlines()
-        errors = [ln.strip() for ln in lines if re.search(r"^\s*[\w.]*(Error|Exception)\b.*:", ln)]
+        errors = [ln.strip() for ln in lines if re.search(r"^\s*[\w.]*(Error|Exception)\b.*:", ln)
+                  and "ChildFailedError" not in ln]  # torchrun's own summary, not the cause
         tail = "\n".join(lines[-LOG_TAIL_LINES:])
         raise RuntimeError(f"{module} exited with {rc}: {errors[-1] if errors else '(no Python error line)'}"
                            f"\n--- last lines of {log.name} ---\n{tail}")
@@ -564,7 +596,7 @@ assert all(set(s.cuda) == set(s.cpu) and "timeout_s" in s.cuda for s in STAGES)
 
 def worker(name: str, device: str, work: Path, params: dict[str, Any]) -> int:
     """Run one stage in this process; its figures go to work/result.json as they come."""
-    import logging  # noqa: PLC0415
+    import logging
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format=f"[{name} %(asctime)s %(levelname).1s %(name)s] %(message)s", datefmt="%H:%M:%S")
     rep = Report(work / "result.json")
@@ -604,13 +636,17 @@ def run_stage(stage: Stage, params: dict[str, Any], device: str, out: Path, time
     with open(work / "log.txt", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_child_env(), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        timed_out = _wait(proc, timeout)
+        try:
+            timed_out, stopped = _wait(proc, timeout), False
+        except KeyboardInterrupt:  # the check itself is stopped (Ctrl-C, SIGTERM): the stage too
+            _kill_group(proc)
+            timed_out, stopped = False, True
     record = {"name": stage.name, "seconds": time.perf_counter() - t0, "timeout_s": timeout,
-              "params": params, "exit_code": proc.returncode}
+              "params": params, "pid": proc.pid, "exit_code": proc.returncode}
     result_path = work / "result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else {"figures": {}, "checks": {}}
     record.update(result)
-    record["status"] = _status(timed_out, proc.returncode, result)
+    record["status"] = "interrupted" if stopped else _status(timed_out, proc.returncode, result)
     if record["status"] != "passed":
         lines = (work / "log.txt").read_text(errors="replace").splitlines()
         record["log_tail"] = "\n".join(lines[-LOG_TAIL_LINES:])
@@ -626,17 +662,22 @@ def _wait(proc: subprocess.Popen, timeout: float) -> bool:
         proc.wait(timeout=timeout)
         return False
     except subprocess.TimeoutExpired:
-        for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=grace)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        _kill_group(proc)
         return True
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the stage's process group, SIGKILL after 5 s; waits at most 15 s in all."""
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _status(timed_out: bool, code: int | None, result: dict[str, Any]) -> str:
@@ -718,7 +759,9 @@ def _git() -> str | None:
 
 
 def check(out: Path, device: str, names: list[str], sets: dict[str, dict[str, Any]], budget: float) -> dict[str, Any]:
-    """Every named stage in order, the reports rewritten after each; returns the run record."""
+    """Every named stage in order, the reports rewritten after each; returns the run record.
+    Raises KeyboardInterrupt, after writing the reports, when the check is stopped."""
+    out = out.resolve()  # stages run in the repository root
     out.mkdir(parents=True, exist_ok=True)
     run: dict[str, Any] = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": device,
                            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -742,9 +785,15 @@ def check(out: Path, device: str, names: list[str], sets: dict[str, dict[str, An
               + (f": {rec['error'].splitlines()[0]}" if rec.get("error") else ""), flush=True)
         run["seconds"] = time.perf_counter() - t0
         write_reports(out, run)
+        if rec["status"] == "interrupted":
+            raise KeyboardInterrupt
     run["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_reports(out, run)
     return run
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -772,7 +821,12 @@ def main(argv: list[str] | None = None) -> int:
         sets = parse_sets(args.set)
     except ValueError as e:
         ap.error(str(e))
-    run = check(args.out, args.device, names, sets, args.budget_s or DEFAULT_BUDGET_S[args.device])
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        run = check(args.out, args.device, names, sets, args.budget_s or DEFAULT_BUDGET_S[args.device])
+    except KeyboardInterrupt:
+        print(f"[gpu_check] stopped; partial reports in {args.out}", flush=True)
+        return 130
     counts = {st: sum(s["status"] == st for s in run["stages"]) for st in {s["status"] for s in run["stages"]}}
     print(f"[gpu_check] {run['seconds']:.0f} s; " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items()))
           + f"; {args.out / 'gpu_check.md'}", flush=True)
