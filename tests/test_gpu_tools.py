@@ -52,6 +52,7 @@ def assert_reports_cover_every_stage(out: Path, report: dict, names: list[str]) 
         assert f"## {s['name']}: {s['status']}" in md_text
 
 
+@pytest.mark.dist
 @pytest.mark.slow
 def test_cpu_check_runs_every_stage_and_writes_both_reports(tmp_path):
     out = tmp_path / "check"
