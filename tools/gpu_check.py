@@ -9,7 +9,8 @@ stage, so a run killed from outside still leaves what it measured. A stage also 
 figures as it goes (DIR/stages/<name>/result.json), so a stage that times out keeps the figures
 it had. Each stage ends `passed` (every check held), `failed` (it ran, a check did not hold),
 `error` (it raised: error and traceback recorded), `timeout`, `crashed` (died without a Python
-error, e.g. a CUDA abort) or `skipped` (the time budget was spent).
+error, e.g. a CUDA abort), `skipped` (the time budget was spent) or `interrupted` (the check was
+stopped by SIGTERM or Ctrl-C: the stage is killed, the reports are written, exit code 130).
 
     environment   torch / CUDA / NCCL / cuDNN / transformers / python versions, device, memory
     fsdp_bf16     process group (NCCL, world 1; gloo on CPU) and the FSDP2 actor with
