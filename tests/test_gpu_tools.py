@@ -203,6 +203,7 @@ print(json.dumps({"errors": errors, "where": where, "path": sys.path}))
 """
 
 
+@pytest.mark.dist  # its gpu_check run starts torchrun (bench, train)
 @pytest.mark.slow
 def test_gpu_wheels_complete_the_image_offline(tmp_path):
     """gpu_wheels.sh downloads at most 60 MiB, nothing the image has; installed with --no-index
