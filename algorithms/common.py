@@ -5,10 +5,9 @@ build function reads as the list of its steps.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
+from algorithms.base import PolicyGradientConfig
 from algorithms.losses import PolicyLoss, ValueLoss
 from algorithms.shaping import RewardShaping, shape_rewards
 from core.data import PROMPT_FIELDS
@@ -16,15 +15,9 @@ from core.graph import Node
 
 SEQUENCE = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 """The fields a forward pass over prompt + response needs."""
-GENERATED = ("response_ids", "response_mask", "rollout_logp", "response_text", "finish_reason")
+GENERATED = ("response_ids", "response_mask", "rollout_logp", "response_text", "finish_reason",
+             "response_budget")
 """The fields generation adds."""
-
-
-def resolve_loss(loss: PolicyLoss, job) -> PolicyLoss:
-    """Fill the loss's job-dependent defaults (C of seq-mean-token-sum-norm)."""
-    if loss.norm_const is None:
-        return dataclasses.replace(loss, norm_const=float(job.rollout.max_new_tokens))
-    return loss
 
 
 def generate() -> Node:
@@ -35,10 +28,10 @@ def score() -> Node:
     return Node("score", "reward.score", ("response_text", "ground_truth", "data_source"), ("scores",))
 
 
-def shape(shaping: RewardShaping, job) -> Node:
-    return Node("shape_rewards", shape_rewards, ("scores", "response_mask", "finish_reason", "response_text"),
-                ("rewards",),
-                kwargs={"cfg": shaping, "max_len": job.rollout.max_new_tokens})
+def shape(shaping: RewardShaping) -> Node:
+    return Node("shape_rewards", shape_rewards,
+                ("scores", "response_mask", "finish_reason", "response_text", "response_budget"), ("rewards",),
+                kwargs={"cfg": shaping})
 
 
 def engine_logp(rollout_logp_BR: torch.Tensor) -> torch.Tensor:
@@ -60,11 +53,16 @@ def follow_actor(*, reference, actor) -> None:
     reference.follow(actor)
 
 
-def anchor(job) -> list[Node]:
-    """T1's dynamic anchor: after the update, move the reference to (or toward) the actor."""
-    if job.reference.anchor == "fixed":
-        return []
-    return [Node("anchor", follow_actor, (), (), needs=("reference", "actor"), after=("update_actor",))]
+def anchor() -> Node:
+    """T1's dynamic anchor: after the update, the reference follows the actor as its
+    `reference.anchor` rule says (fixed: it stays)."""
+    return Node("anchor", follow_actor, (), (), needs=("reference", "actor"), after=("update_actor",))
+
+
+def reference_nodes(used: bool) -> tuple[list[Node], list[Node]]:
+    """(before the update, after it): the reference's log-probs and its anchor, when a KL term
+    uses the reference; nothing otherwise (no reference model is built)."""
+    return ([ref_logp()], [anchor()]) if used else ([], [])
 
 
 def truncation_filter(response_mask_BR: torch.Tensor, finish_reason: list[str]) -> torch.Tensor:
@@ -80,6 +78,11 @@ def overlong_filter() -> Node:
 def update_actor(loss: PolicyLoss, *, filtered: bool = False) -> Node:
     return Node("update_actor", "actor.update", SEQUENCE + loss.inputs() + (("loss_mask",) if filtered else ()),
                 kwargs={"loss_fn": loss})
+
+
+def policy_update(cfg: PolicyGradientConfig) -> list[Node]:
+    """The actor's update with cfg.loss, after DAPO's overlong filter when cfg asks for it."""
+    return ([overlong_filter()] if cfg.overlong_filter else []) + [update_actor(cfg.loss, filtered=cfg.overlong_filter)]
 
 
 def critic_values() -> Node:

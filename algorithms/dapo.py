@@ -26,8 +26,8 @@ import torch
 from algorithms import common
 from algorithms.advantages import group_stats
 from algorithms.base import register_algorithm
-from algorithms.grpo import GRPOConfig, grpo_graph
-from algorithms.losses import PolicyLoss
+from algorithms.grpo import GRPOConfig, GRPOLoss, grpo_graph
+from algorithms.losses import AggMode
 from algorithms.shaping import RewardShaping
 from core import dist
 from core.batch import Batch
@@ -36,11 +36,25 @@ from core.graph import Graph, Node, Result
 
 
 @dataclass(kw_only=True, slots=True)
+class DAPOLoss(GRPOLoss):
+    agg_mode: AggMode = "token-mean"
+    eps_high: float = 0.28
+    kl_coef: float = 0.0
+
+
+@dataclass(kw_only=True, slots=True)
+class DAPORewards(RewardShaping):
+    correct: float = 1.0
+    wrong: float = -1.0
+    overlong_buffer_frac: float = 0.2
+    overlong_penalty: float = 1.0
+
+
+@dataclass(kw_only=True, slots=True)
 class DAPOConfig(GRPOConfig):
-    loss: PolicyLoss = field(default_factory=lambda: PolicyLoss(
-        agg_mode="token-mean", eps_low=0.2, eps_high=0.28, kl_coef=0.0))
-    rewards: RewardShaping = field(default_factory=lambda: RewardShaping(
-        correct=1.0, wrong=-1.0, overlong_buffer_frac=0.2, overlong_penalty=1.0))
+    name: str = "dapo"
+    loss: DAPOLoss = field(default_factory=DAPOLoss)
+    rewards: DAPORewards = field(default_factory=DAPORewards)
     dynamic_sampling: bool = True
     max_gen_rounds: int = 3
     """Generation rounds per step at most; then uniform groups fill the gap (and are counted)."""
@@ -101,7 +115,6 @@ def dapo_sampling(c: DAPOConfig) -> list[Node]:
                  batch_in=True)]
 
 
-@register_algorithm("dapo")
-def build_graph(job) -> Graph:
-    c = job.algorithm.dapo
-    return grpo_graph("dapo", c, job, sampling=dapo_sampling(c))
+@register_algorithm("dapo", DAPOConfig)
+def build_graph(cfg: DAPOConfig) -> Graph:
+    return grpo_graph("dapo", cfg, sampling=dapo_sampling(cfg))

@@ -9,7 +9,7 @@ response i is its reward normalised within the group, A_i = (r_i - mean_g) / (st
 
 with rho = pi / pi_old, the paper's `seq-mean-token-mean` aggregation and beta = 0.001 (R1;
 DeepSeekMath used 0.04) by default. beta = 0 builds no reference model. No departure from the
-paper by default; every term is a config switch (algorithm.grpo.*).
+paper by default; every term is a config switch (algorithm.loss.*, algorithm.norm_std, ...).
 
     torchrun --nproc_per_node=2 -m launch.train --config configs/quickstart.yaml
 """
@@ -19,42 +19,41 @@ from dataclasses import dataclass, field
 
 from algorithms import common
 from algorithms.advantages import grpo_advantages
-from algorithms.base import register_algorithm
-from algorithms.losses import PolicyLoss
-from algorithms.shaping import RewardShaping
+from algorithms.base import PolicyGradientConfig, register_algorithm
+from algorithms.losses import AggMode, PolicyLoss
 from core.graph import Graph, Node
 
 
 @dataclass(kw_only=True, slots=True)
-class GRPOConfig:
-    loss: PolicyLoss = field(default_factory=lambda: PolicyLoss(
-        agg_mode="seq-mean-token-mean", kl_coef=0.001, kl_estimator="k3"))
-    rewards: RewardShaping = field(default_factory=RewardShaping)
+class GRPOLoss(PolicyLoss):
+    agg_mode: AggMode = "seq-mean-token-mean"
+    kl_coef: float = 0.001
+
+
+@dataclass(kw_only=True, slots=True)
+class GRPOConfig(PolicyGradientConfig):
+    name: str = "grpo"
+    loss: GRPOLoss = field(default_factory=GRPOLoss)
     norm_std: bool = True
     """Divide by the group's std (False: Dr. GRPO's r - mean_g)."""
-    recompute_old_logp: bool = True
-    """Recompute the sampling policy's log-probs with the actor (False: trust the engine's)."""
-    overlong_filter: bool = False
-    """Drop responses cut by the length budget from the loss (DAPO)."""
 
 
-def grpo_graph(name: str, c: GRPOConfig, job, *, sampling: list[Node] | None = None) -> Graph:
+def grpo_graph(name: str, c: GRPOConfig, *, sampling: list[Node] | None = None) -> Graph:
     """The GRPO family's graph; Dr. GRPO and DAPO reuse it with their own configs. `sampling`
     replaces the generate + score nodes (DAPO's dynamic sampling)."""
-    loss = common.resolve_loss(c.loss, job)
+    ref_before, ref_after = common.reference_nodes(bool(c.loss.kl_coef))
     return Graph(name, [
         *(sampling or [common.generate(), common.score()]),
-        common.shape(c.rewards, job),
+        common.shape(c.rewards),
         common.old_logp(c.recompute_old_logp),
-        *([common.ref_logp()] if loss.kl_coef else []),
+        *ref_before,
         Node("advantages", grpo_advantages, ("rewards", "group_ids", "response_mask"), ("advantages",),
              kwargs={"norm_std": c.norm_std}),
-        *([common.overlong_filter()] if c.overlong_filter else []),
-        common.update_actor(loss, filtered=c.overlong_filter),
-        *(common.anchor(job) if loss.kl_coef else []),
+        *common.policy_update(c),
+        *ref_after,
     ])
 
 
-@register_algorithm("grpo")
-def build_graph(job) -> Graph:
-    return grpo_graph("grpo", job.algorithm.grpo, job)
+@register_algorithm("grpo", GRPOConfig)
+def build_graph(cfg: GRPOConfig) -> Graph:
+    return grpo_graph("grpo", cfg)

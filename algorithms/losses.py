@@ -84,7 +84,8 @@ class PolicyLoss:
     dual_clip: float | None = None
     """Dual-clip constant c (> 1) for negative advantages; None disables."""
     norm_const: float | None = None
-    """C of seq-mean-token-sum-norm; None: the rollout's max_new_tokens."""
+    """C of seq-mean-token-sum-norm; None: the response budget (max_new_tokens) the step's
+    samples were generated with, read at run time (a length curriculum changes it)."""
     kl_coef: float = 0.0
     """Weight of KL(pi || ref) in the loss; needs a reference model."""
     kl_estimator: KLEstimator = "k3"
@@ -101,12 +102,14 @@ class PolicyLoss:
     def inputs(self) -> tuple[str, ...]:
         """Batch fields this loss reads besides the sequence."""
         return (("old_logp", "advantages") + (("ref_logp",) if self.kl_coef else ())
-                + (("scores",) if self.nll_coef else ()))
+                + (("scores",) if self.nll_coef else ())
+                + (("response_budget",) if self.agg_mode == "seq-mean-token-sum-norm" else ()))
 
     def __call__(self, logp_BR: torch.Tensor, entropy_BR: torch.Tensor | None, mb: Batch,
                  counts: GlobalCounts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = loss_mask(mb)
-        agg = lambda x: aggregate(x, mask, self.agg_mode, counts, norm_const=self.norm_const)  # noqa: E731
+        norm_const = self.norm_const or counts.budget
+        agg = lambda x: aggregate(x, mask, self.agg_mode, counts, norm_const=norm_const)  # noqa: E731
         token_mean = lambda x: aggregate(x.detach().float(), mask, "token-mean", counts)  # noqa: E731
         pg_BR, flags = ppo_clip_loss(logp_BR, mb.old_logp, mb.advantages, eps_low=self.eps_low,
                                      eps_high=self.eps_high, dual_clip=self.dual_clip)

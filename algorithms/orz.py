@@ -9,18 +9,33 @@ learning rates are actor 1e-6, critic 5e-6 (configs/orz.yaml).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from algorithms.base import register_algorithm
-from algorithms.losses import PolicyLoss
+from algorithms.losses import AggMode, PolicyLoss
 from algorithms.ppo import PPOConfig, ppo_graph
 from algorithms.shaping import RewardShaping
 from core.graph import Graph
 
 
-def default_config() -> PPOConfig:
-    return PPOConfig(gamma=1.0, lam=1.0, rewards=RewardShaping(truncated=0.0),
-                     loss=PolicyLoss(agg_mode="seq-mean-token-mean", kl_coef=0.0))
+@dataclass(kw_only=True, slots=True)
+class ORZLoss(PolicyLoss):
+    agg_mode: AggMode = "seq-mean-token-mean"
 
 
-@register_algorithm("orz")
-def build_graph(job) -> Graph:
-    return ppo_graph("orz", job.algorithm.orz, job)
+@dataclass(kw_only=True, slots=True)
+class ORZRewards(RewardShaping):
+    truncated: float | None = 0.0
+
+
+@dataclass(kw_only=True, slots=True)
+class ORZConfig(PPOConfig):
+    name: str = "orz"
+    loss: ORZLoss = field(default_factory=ORZLoss)
+    rewards: ORZRewards = field(default_factory=ORZRewards)
+    lam: float = 1.0
+
+
+@register_algorithm("orz", ORZConfig)
+def build_graph(cfg: ORZConfig) -> Graph:
+    return ppo_graph("orz", cfg)

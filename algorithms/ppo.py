@@ -19,25 +19,21 @@ import torch
 
 from algorithms import common
 from algorithms.advantages import gae, last_token_rewards, whiten
-from algorithms.base import register_algorithm
-from algorithms.losses import KLEstimator, PolicyLoss, ValueLoss, kl_penalty
-from algorithms.shaping import RewardShaping
+from algorithms.base import PolicyGradientConfig, register_algorithm
+from algorithms.losses import KLEstimator, ValueLoss, kl_penalty
 from core.graph import Graph, Node
 
 
 @dataclass(kw_only=True, slots=True)
-class PPOConfig:
-    loss: PolicyLoss = field(default_factory=lambda: PolicyLoss(agg_mode="token-mean", kl_coef=0.0))
+class PPOConfig(PolicyGradientConfig):
+    name: str = "ppo"
     value_loss: ValueLoss = field(default_factory=ValueLoss)
-    rewards: RewardShaping = field(default_factory=RewardShaping)
     gamma: float = 1.0
     lam: float = 0.95
     whiten_advantages: bool = True
     reward_kl_coef: float = 0.0
     """KL in the reward: r_t -= coef * k(pi_old, pi_ref) at every token (needs a reference)."""
     reward_kl_estimator: KLEstimator = "k1"
-    recompute_old_logp: bool = True
-    overlong_filter: bool = False
 
 
 def token_rewards(rewards_B: torch.Tensor, mask_BR: torch.Tensor, *kl_inputs: torch.Tensor,
@@ -46,7 +42,7 @@ def token_rewards(rewards_B: torch.Tensor, mask_BR: torch.Tensor, *kl_inputs: to
     (old_logp, ref_logp) are given."""
     r_BR = last_token_rewards(rewards_B, mask_BR)
     if coef and kl_inputs:
-        kl_BR = kl_penalty(*kl_inputs, estimator)
+        kl_BR = kl_penalty(kl_inputs[0], kl_inputs[1], estimator)
         r_BR = r_BR - coef * torch.where(mask_BR.bool(), kl_BR, torch.zeros_like(kl_BR))
     return r_BR
 
@@ -58,35 +54,34 @@ def gae_advantages(token_rewards_BR: torch.Tensor, values_BR: torch.Tensor, mask
     return (whiten(adv_BR, mask_BR) if whiten_advantages else adv_BR), ret_BR
 
 
-def critic_graph_nodes(c, job, advantage: Node) -> list[Node]:
+def critic_graph_nodes(c: PPOConfig, advantage: Node) -> list[Node]:
     """Sampling, scoring, values and per-token rewards, then `advantage`, then both updates:
     the shared body of PPO, ORZ and VAPO."""
-    loss = common.resolve_loss(c.loss, job)
     kl_reward = c.reward_kl_coef != 0
+    ref_before, ref_after = common.reference_nodes(bool(c.loss.kl_coef or kl_reward))
     return [
         common.generate(),
         common.score(),
-        common.shape(c.rewards, job),
+        common.shape(c.rewards),
         common.old_logp(c.recompute_old_logp),
-        *([common.ref_logp()] if (loss.kl_coef or kl_reward) else []),
+        *ref_before,
         common.critic_values(),
         Node("token_rewards", token_rewards,
              ("rewards", "response_mask") + (("old_logp", "ref_logp") if kl_reward else ()),
              ("token_rewards",), kwargs={"coef": c.reward_kl_coef, "estimator": c.reward_kl_estimator}),
         advantage,
-        *([common.overlong_filter()] if c.overlong_filter else []),
-        common.update_actor(loss, filtered=c.overlong_filter),
+        *common.policy_update(c),
         common.update_critic(c.value_loss, filtered=c.overlong_filter),
-        *(common.anchor(job) if (loss.kl_coef or kl_reward) else []),
+        *ref_after,
     ]
 
 
-def ppo_graph(name: str, c: PPOConfig, job) -> Graph:
-    return Graph(name, critic_graph_nodes(c, job, Node(
+def ppo_graph(name: str, c: PPOConfig) -> Graph:
+    return Graph(name, critic_graph_nodes(c, Node(
         "gae", gae_advantages, ("token_rewards", "values", "response_mask"), ("advantages", "returns"),
         kwargs={"gamma": c.gamma, "lam": c.lam, "whiten_advantages": c.whiten_advantages})))
 
 
-@register_algorithm("ppo")
-def build_graph(job) -> Graph:
-    return ppo_graph("ppo", job.algorithm.ppo, job)
+@register_algorithm("ppo", PPOConfig)
+def build_graph(cfg: PPOConfig) -> Graph:
+    return ppo_graph("ppo", cfg)

@@ -10,50 +10,45 @@ Loss: PPO clip 0.2, token-mean.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from algorithms import common
 from algorithms.advantages import reinforce_pp_advantages
-from algorithms.base import register_algorithm
-from algorithms.losses import PolicyLoss, kl_penalty
-from algorithms.shaping import RewardShaping
+from algorithms.base import PolicyGradientConfig, register_algorithm
+from algorithms.losses import kl_penalty
 from core.graph import Graph, Node
 
 
 @dataclass(kw_only=True, slots=True)
-class ReinforcePPConfig:
-    loss: PolicyLoss = field(default_factory=lambda: PolicyLoss(agg_mode="token-mean", kl_coef=0.0))
-    rewards: RewardShaping = field(default_factory=RewardShaping)
-    kl_coef: float = 0.01
+class ReinforcePPConfig(PolicyGradientConfig):
+    name: str = "reinforce_pp"
+    reward_kl_coef: float = 0.01
     """beta of the k1 KL penalty in the per-token reward (0 builds no reference model)."""
     baseline: bool = False
     """REINFORCE++-baseline: subtract the group mean reward first."""
-    recompute_old_logp: bool = True
 
 
 def advantages(rewards_B: torch.Tensor, mask_BR: torch.Tensor, group_ids_B: torch.Tensor,
                *kl_inputs: torch.Tensor, kl_coef: float, baseline: bool) -> torch.Tensor:
-    kl_BR = kl_penalty(*kl_inputs, "k1") if kl_inputs else None
+    kl_BR = kl_penalty(kl_inputs[0], kl_inputs[1], "k1") if kl_inputs else None
     return reinforce_pp_advantages(rewards_B, mask_BR, kl_BR=kl_BR, kl_coef=kl_coef,
                                    group_ids_B=group_ids_B, baseline=baseline)[0]
 
 
-@register_algorithm("reinforce_pp")
-def build_graph(job) -> Graph:
-    c = job.algorithm.reinforce_pp
-    loss = common.resolve_loss(c.loss, job)
-    use_ref = bool(c.kl_coef or loss.kl_coef)
+@register_algorithm("reinforce_pp", ReinforcePPConfig)
+def build_graph(cfg: ReinforcePPConfig) -> Graph:
+    ref_before, ref_after = common.reference_nodes(bool(cfg.reward_kl_coef or cfg.loss.kl_coef))
     return Graph("reinforce_pp", [
         common.generate(),
         common.score(),
-        common.shape(c.rewards, job),
-        common.old_logp(c.recompute_old_logp),
-        *([common.ref_logp()] if use_ref else []),
+        common.shape(cfg.rewards),
+        common.old_logp(cfg.recompute_old_logp),
+        *ref_before,
         Node("advantages", advantages, ("rewards", "response_mask", "group_ids")
-             + (("old_logp", "ref_logp") if c.kl_coef else ()), ("advantages",),
-             kwargs={"kl_coef": c.kl_coef, "baseline": c.baseline}),
-        common.update_actor(loss),
-        *(common.anchor(job) if use_ref else []),
+             + (("old_logp", "ref_logp") if cfg.reward_kl_coef else ()), ("advantages",),
+             kwargs={"kl_coef": cfg.reward_kl_coef, "baseline": cfg.baseline}),
+        *common.policy_update(cfg),
+        *ref_after,
     ])

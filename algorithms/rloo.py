@@ -12,34 +12,29 @@ shared by all tokens of response i, with the PPO-clip loss (eps 0.2, token-mean)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from algorithms import common
 from algorithms.advantages import rloo_advantages
-from algorithms.base import register_algorithm
-from algorithms.losses import PolicyLoss
-from algorithms.shaping import RewardShaping
+from algorithms.base import PolicyGradientConfig, register_algorithm
 from core.graph import Graph, Node
 
 
 @dataclass(kw_only=True, slots=True)
-class RLOOConfig:
-    loss: PolicyLoss = field(default_factory=lambda: PolicyLoss(agg_mode="token-mean", kl_coef=0.0))
-    rewards: RewardShaping = field(default_factory=RewardShaping)
-    recompute_old_logp: bool = True
+class RLOOConfig(PolicyGradientConfig):
+    name: str = "rloo"
 
 
-@register_algorithm("rloo")
-def build_graph(job) -> Graph:
-    c = job.algorithm.rloo
-    loss = common.resolve_loss(c.loss, job)
+@register_algorithm("rloo", RLOOConfig)
+def build_graph(cfg: RLOOConfig) -> Graph:
+    ref_before, ref_after = common.reference_nodes(bool(cfg.loss.kl_coef))
     return Graph("rloo", [
         common.generate(),
         common.score(),
-        common.shape(c.rewards, job),
-        common.old_logp(c.recompute_old_logp),
-        *([common.ref_logp()] if loss.kl_coef else []),
+        common.shape(cfg.rewards),
+        common.old_logp(cfg.recompute_old_logp),
+        *ref_before,
         Node("advantages", rloo_advantages, ("rewards", "group_ids", "response_mask"), ("advantages",)),
-        common.update_actor(loss),
-        *(common.anchor(job) if loss.kl_coef else []),
+        *common.policy_update(cfg),
+        *ref_after,
     ])

@@ -34,16 +34,19 @@ class RewardShaping:
     """Added (use a negative value) when it does not."""
 
 
-def overlong_punishment(lengths_B: torch.Tensor, *, max_len: int, buffer: int) -> torch.Tensor:
+def overlong_punishment(lengths_B: torch.Tensor, *, max_len: int | torch.Tensor,
+                        buffer: int | torch.Tensor) -> torch.Tensor:
     """DAPO's soft overlong punishment: 0 if len <= L_max - L_cache; ((L_max - L_cache) - len) /
-    L_cache inside the buffer; -1 past L_max."""
+    L_cache inside the buffer; -1 past L_max. L_max and L_cache are scalars or per sample [B];
+    a buffer of 0 turns the term off."""
     lengths = lengths_B.double()
-    if buffer <= 0:
-        return torch.zeros_like(lengths)
-    start = max_len - buffer
-    inside = (start - lengths) / buffer
-    out = torch.where(lengths <= start, torch.zeros_like(lengths), inside)
-    return torch.where(lengths > max_len, torch.full_like(lengths, -1.0), out)
+    max_len_B = torch.as_tensor(max_len, dtype=torch.float64, device=lengths.device).expand_as(lengths)
+    buffer_B = torch.as_tensor(buffer, dtype=torch.float64, device=lengths.device).expand_as(lengths)
+    start_B = max_len_B - buffer_B
+    inside = (start_B - lengths) / buffer_B.clamp(min=1.0)
+    out = torch.where(lengths <= start_B, torch.zeros_like(lengths), inside)
+    out = torch.where(lengths > max_len_B, torch.full_like(lengths, -1.0), out)
+    return torch.where(buffer_B > 0, out, torch.zeros_like(lengths))
 
 
 def format_term(texts: list[str], cfg: RewardShaping) -> torch.Tensor:
@@ -56,15 +59,17 @@ def format_term(texts: list[str], cfg: RewardShaping) -> torch.Tensor:
 
 
 def shape_rewards(scores_B: torch.Tensor, response_mask_BR: torch.Tensor, finish_reason: list[str],
-                  response_text: list[str], *, cfg: RewardShaping, max_len: int) -> Result:
-    """rewards [B] float32 from scores, lengths and format, with each term as a metric."""
+                  response_text: list[str], response_budget_B: torch.Tensor, *, cfg: RewardShaping) -> Result:
+    """rewards [B] float32 from scores, lengths and format, with each term as a metric; the
+    length terms are relative to each sample's own budget (max_new_tokens when generated)."""
+    max_len = response_budget_B.to(device=scores_B.device, dtype=torch.float64)
     lengths_B = response_mask_BR.sum(-1)
     base = cfg.wrong + scores_B.double() * (cfg.correct - cfg.wrong)
     if cfg.truncated is not None:
         cut = torch.tensor([r == "length" for r in finish_reason], device=base.device)
         base = torch.where(cut, torch.full_like(base, cfg.truncated), base)
     overlong = cfg.overlong_penalty * overlong_punishment(
-        lengths_B, max_len=max_len, buffer=round(cfg.overlong_buffer_frac * max_len))
+        lengths_B, max_len=max_len, buffer=torch.round(cfg.overlong_buffer_frac * max_len))
     explore = cfg.exploration_coef * lengths_B.double() / max_len
     fmt = format_term(response_text, cfg).to(base.device)
     rewards = (base + overlong + explore + fmt).float()

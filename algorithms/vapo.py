@@ -26,18 +26,21 @@ import torch
 from algorithms import common
 from algorithms.advantages import decoupled_gae, gae, length_adaptive_lambda, whiten
 from algorithms.base import register_algorithm
-from algorithms.losses import PolicyLoss, ValueLoss
+from algorithms.losses import PolicyLoss
 from algorithms.ppo import PPOConfig, critic_graph_nodes, token_rewards
-from algorithms.shaping import RewardShaping
 from core.graph import Graph, Node, Plan, Stage
 
 
 @dataclass(kw_only=True, slots=True)
+class VAPOLoss(PolicyLoss):
+    eps_high: float = 0.28
+    nll_coef: float = 0.1
+
+
+@dataclass(kw_only=True, slots=True)
 class VAPOConfig(PPOConfig):
-    loss: PolicyLoss = field(default_factory=lambda: PolicyLoss(
-        agg_mode="token-mean", eps_low=0.2, eps_high=0.28, kl_coef=0.0, nll_coef=0.1))
-    value_loss: ValueLoss = field(default_factory=ValueLoss)
-    rewards: RewardShaping = field(default_factory=RewardShaping)
+    name: str = "vapo"
+    loss: VAPOLoss = field(default_factory=VAPOLoss)
     lam_critic: float = 1.0
     alpha: float = 0.05
     """Length-adaptive lambda_policy = 1 - 1 / (alpha * length)."""
@@ -70,9 +73,9 @@ def settled(history: list[dict[str, float]], *, key: str, window: int, tol: floa
     return abs(last - prev) <= tol * max(abs(prev), 1e-8)
 
 
-def value_pretraining(c: VAPOConfig, job) -> Stage:
+def value_pretraining(c: VAPOConfig) -> Stage:
     graph = Graph("vapo_value_pretrain", [
-        common.generate(), common.score(), common.shape(c.rewards, job), common.critic_values(),
+        common.generate(), common.score(), common.shape(c.rewards), common.critic_values(),
         Node("token_rewards", token_rewards, ("rewards", "response_mask"), ("token_rewards",)),
         Node("returns", monte_carlo_returns, ("token_rewards", "values", "response_mask"), ("returns",),
              kwargs={"gamma": c.gamma}),
@@ -83,12 +86,11 @@ def value_pretraining(c: VAPOConfig, job) -> Stage:
     return Stage("value_pretrain", graph, max_steps=c.value_pretrain_steps, stop=stop)
 
 
-@register_algorithm("vapo")
-def build_graph(job) -> Plan:
-    c = job.algorithm.vapo
-    train = Graph("vapo", critic_graph_nodes(c, job, Node(
+@register_algorithm("vapo", VAPOConfig)
+def build_graph(c: VAPOConfig) -> Plan:
+    train = Graph("vapo", critic_graph_nodes(c, Node(
         "advantages", vapo_advantages, ("token_rewards", "values", "response_mask"), ("advantages", "returns"),
         kwargs={"gamma": c.gamma, "lam_critic": c.lam_critic, "alpha": c.alpha,
                 "whiten_advantages": c.whiten_advantages})))
-    stages = [value_pretraining(c, job)] if c.value_pretrain_steps > 0 else []
+    stages = [value_pretraining(c)] if c.value_pretrain_steps > 0 else []
     return Plan(train=train, stages=stages)

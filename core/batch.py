@@ -71,6 +71,7 @@ declare_field("data_source", shape="B", kind="meta", doc="name of the scorer / d
 declare_field("prompt_text", shape="B", kind="meta", doc="the prompt as text")
 declare_field("response_text", shape="B", kind="meta", doc="the decoded response, special tokens removed")
 declare_field("finish_reason", shape="B", kind="meta", doc='"stop" (stop token) or "length" (budget hit)')
+declare_field("response_budget", shape="B", doc="max_new_tokens the sample was generated with (long)")
 
 
 class Batch:
@@ -248,6 +249,9 @@ class GlobalCounts:
     """Response tokens (response_mask summed)."""
     seqs: float
     """Sequences."""
+    budget: float = 0.0
+    """The largest response budget (max_new_tokens) of the step's samples; 0 when the batch
+    does not carry `response_budget` (C of seq-mean-token-sum-norm)."""
 
 
 def loss_mask(batch: Batch) -> torch.Tensor:
@@ -261,4 +265,8 @@ def global_counts(batch: Batch) -> GlobalCounts:
     mask = loss_mask(batch)
     local = {"tokens": float(mask.sum()), "seqs": float((mask.sum(-1) > 0).sum())}
     total = dist.all_reduce_scalars(local)
-    return GlobalCounts(tokens=max(total["tokens"], 1.0), seqs=max(total["seqs"], 1.0))
+    budget = 0.0
+    if "response_budget" in batch:  # present on every rank or on none (the graph decides)
+        local_max = float(batch.response_budget.max()) if len(batch) else 0.0
+        budget = dist.all_reduce_scalars({"b": local_max}, "max")["b"]
+    return GlobalCounts(tokens=max(total["tokens"], 1.0), seqs=max(total["seqs"], 1.0), budget=budget)

@@ -5,8 +5,18 @@ instance of it written as nested mappings (``actor: {lr: 1e-6}``). Overrides add
 tree with dotted keys, ``actor.lr=3e-6 run.steps=10 tags=[a,b]``, each value parsed as YAML
 (``x=null`` is None, ``x=`` the empty string). Loading is strict: an unknown key is an error
 naming the nearest valid key, a wrong type an error naming the key, the expected type and the
-value; a missing key takes the dataclass default. Keys under ``dict[str, ...]`` or ``Any``
-fields are free-form. Typical entry point::
+value. A key the data does not set keeps the *default instance's* value: a section given in
+part overlays the field's default (its ``default_factory()``), so a preset survives a partial
+override of one of its nested fields. Keys under ``dict[str, ...]`` or ``Any`` fields are
+free-form.
+
+A section typed with a `Slot` subclass is a *typed slot*: its ``name`` field chooses the
+concrete schema (``Slot.variant(name)``, e.g. ``algorithm.name=dapo`` makes the whole
+``algorithm:`` section a ``DAPOConfig``), and a bare string stands for ``{name: <string>}``
+(``rollout.engine=sglang``). When a command-line override changes a slot's name from the one
+the file chose, the file's other keys of that slot belong to the file's choice and are not
+applied (logged); the new variant starts from its own defaults plus the command line's keys.
+Typical entry point::
 
     path, overrides = parse_cli(sys.argv[1:])
     cfg = load_config(TrainConfig, path, overrides)
@@ -47,11 +57,27 @@ def from_dict(schema: type[T], data: Mapping[str, Any], *, source: str = "<confi
     return _build(schema, data, "", source)
 
 
+class Slot:
+    """Base of a config section whose concrete schema its ``name`` field picks (a typed slot).
+
+    Subclasses are dataclasses with a ``name: str`` field and implement ``variant``; each
+    variant is a subclass of the slot's base class with its own defaults."""
+
+    __slots__ = ()
+
+    @classmethod
+    def variant(cls, name: str) -> type:
+        """The concrete schema for ``name``; ValueError naming the valid names if unknown."""
+        raise NotImplementedError
+
+
 def load_config(
     schema: type[T], path: str | os.PathLike | None, overrides: Sequence[str] = ()
 ) -> T:
     """Read YAML from ``path`` (None: all defaults), apply ``overrides``, build ``schema``."""
-    data = apply_overrides(_read_yaml(path) if path is not None else {}, overrides, schema=schema)
+    file_data = _read_yaml(path) if path is not None else {}
+    data = apply_overrides(file_data, overrides, schema=schema)
+    _drop_switched_slots(schema, file_data, data, [_parse_override(o) for o in overrides], "")
     parts = ([os.fspath(path)] if path is not None else []) + (["overrides"] if overrides else [])
     logger.debug("loading %s from %s", schema.__name__, parts or "defaults")
     return from_dict(schema, data, source=" + ".join(parts) or "<defaults>")
@@ -65,11 +91,12 @@ def apply_overrides(
     With ``schema``, each key is checked against it first, so a typo fails before anything runs.
     """
     result = copy.deepcopy(dict(data))
-    for override in overrides:
-        key, value = _parse_override(override)
-        if schema is not None:
-            _check_override_key(schema, key)
+    parsed = [_parse_override(o) for o in overrides]
+    for key, value in parsed:
         _set_dotted(result, key, value)
+    if schema is not None:  # after all are set: a slot's keys depend on its (overridden) name
+        for key, _ in parsed:
+            _check_override_key(schema, key, result)
     return result
 
 
@@ -114,35 +141,79 @@ def flatten(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str) -> Any:
+def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str, base: Any = None) -> Any:
+    """``cls`` from ``data``; keys the data does not set come from ``base`` (the field's default
+    instance) when it is of the same concrete class, else from the class's own defaults."""
+    cls = _variant(cls, data, base, prefix)
+    if type(base) is not cls:
+        base = None
     fields = _init_fields(cls)
     for name in data:
         if name not in fields:
-            hint = _suggest(str(name), list(fields), prefix)
+            hint = _suggest(str(name), _schema_paths(cls), prefix)
             raise ValueError(f"unknown config key '{_join(prefix, name)}' (in {source}); {hint}")
     kwargs = {}
     for name, f in fields.items():
         key = _join(prefix, name)
+        default = getattr(base, name) if base is not None else _default(f)
         if name in data:
-            kwargs[name] = _coerce(_hints(cls)[name], data[name], key, source)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            kwargs[name] = _coerce(_hints(cls)[name], data[name], key, source, default)
+        elif base is not None:
+            kwargs[name] = copy.deepcopy(default)
+        elif default is dataclasses.MISSING:
             raise ValueError(f"missing required config key '{key}' (in {source})")
     return cls(**kwargs)
 
 
-def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it, converted where that is safe."""
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _is_slot(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Slot)
+
+
+def _variant(cls: type, data: Mapping[str, Any], base: Any, prefix: str) -> type:
+    """The concrete schema of a slot section (``cls`` itself for any other section)."""
+    if not _is_slot(cls):
+        return cls
+    if "name" in data:
+        name = data["name"]
+    elif isinstance(base, cls):
+        name = base.name
+    else:
+        name = _default(_init_fields(cls)["name"])
+    if not isinstance(name, str):
+        raise ValueError(f"config key '{_join(prefix, 'name')}' expects a name (str), got {name!r}")
+    try:
+        chosen = cls.variant(name)
+    except ValueError as e:
+        raise ValueError(f"config key '{_join(prefix, 'name')}': {e}") from None
+    if not (isinstance(chosen, type) and issubclass(chosen, cls)):
+        raise TypeError(f"'{_join(prefix, 'name')}={name}' resolves to {chosen!r}, not a {cls.__name__}")
+    return chosen
+
+
+def _coerce(tp: Any, value: Any, key: str, source: str, default: Any = None) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it, converted where that is safe.
+    ``default`` is the field's default value, which a partial section overlays."""
     origin, args = typing.get_origin(tp) or tp, typing.get_args(tp)
     if tp is Any:
         return value
     if _is_schema(tp):
         if isinstance(value, tp):
             return value
+        if _is_slot(tp) and isinstance(value, str):
+            value = {"name": value}  # `rollout.engine=sglang` is `{name: sglang}`
         if not isinstance(value, Mapping):
             raise _type_error(key, f"{tp.__name__} (a mapping)", value, source)
-        return _build(tp, value, key, source)
+        return _build(tp, value, key, source, default)
     if origin in _UNIONS:
-        return _coerce_union(tp, args, value, key, source)
+        return _coerce_union(tp, args, value, key, source, default)
     if origin is Literal:
         # `True == 1`, so compare types too, or Literal[1] would accept true.
         if any(value == c and type(value) is type(c) for c in args):
@@ -163,12 +234,12 @@ def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:
     raise _type_error(key, _type_name(tp), value, source)
 
 
-def _coerce_union(tp: Any, args: tuple, value: Any, key: str, source: str) -> Any:
+def _coerce_union(tp: Any, args: tuple, value: Any, key: str, source: str, default: Any = None) -> Any:
     members = [a for a in args if a is not type(None)]
     if value is None and len(members) < len(args):
         return None
     if len(members) == 1:  # Optional[X]: let X's own, more precise, errors through
-        return _coerce(members[0], value, key, source)
+        return _coerce(members[0], value, key, source, default)
     for member in members:
         try:
             return _coerce(member, value, key, source)
@@ -212,14 +283,22 @@ def _parse_override(override: str) -> tuple[str, Any]:
         raise ValueError(f"override {override!r}: value is not valid YAML ({problem})") from e
 
 
-def _check_override_key(schema: type, key: str) -> None:
+def _check_override_key(schema: type, key: str, data: Mapping[str, Any]) -> None:
+    """Raise naming the nearest valid key unless ``key`` addresses the schema; slots resolve to
+    the variant ``data`` (the merged file + overrides) names."""
     parts = key.split(".")
     cls = schema
+    node: Any = data
     for i, part in enumerate(parts):
+        if _is_slot(cls):
+            cls = _variant(cls, node if isinstance(node, Mapping) else {}, None, ".".join(parts[:i]))
         if part not in _init_fields(cls):
             prefix, rest = ".".join(parts[:i]), ".".join(parts[i:])
             hint = _suggest(rest, _schema_paths(cls), prefix)
             raise ValueError(f"unknown override key '{key}'; {hint}")
+        node = node.get(part) if isinstance(node, Mapping) else None
+        if _is_slot(_unwrap_optional(_hints(cls)[part])) and isinstance(node, str):
+            node = {"name": node}
         tp = _unwrap_optional(_hints(cls)[part])
         if _is_schema(tp):
             cls = tp
@@ -230,6 +309,58 @@ def _check_override_key(schema: type, key: str) -> None:
             raise ValueError(f"override key '{key}': {where}, it has no sub-keys")
 
 
+def _drop_switched_slots(cls: type, file_data: Any, data: dict[str, Any],
+                         overrides: Sequence[tuple[str, Any]], prefix: str) -> None:
+    """Where an override changed a slot's name from the file's choice, keep only the
+    overrides' keys in that slot (see the module docstring); recurses into sections."""
+    if not isinstance(data, dict):
+        return
+    for name, f in _init_fields(cls).items():
+        tp = _unwrap_optional(_hints(cls)[name])
+        if not _is_schema(tp) or name not in data:
+            continue
+        path = _join(prefix, name)
+        in_file = file_data.get(name) if isinstance(file_data, Mapping) else None
+        if _is_slot(tp) and isinstance(in_file, Mapping):
+            default = _default(f)
+            chosen = _slot_name(in_file, default, tp)
+            now = _slot_name(data[name], default, tp)
+            if now != chosen:
+                dropped = sorted(k for k in _flat_keys(in_file) if k != "name")
+                kept: dict[str, Any] = {}
+                for k, v in overrides:
+                    if k == path or k.startswith(path + "."):
+                        _set_dotted(kept, k.removeprefix(prefix + "." if prefix else ""), v)
+                data[name] = kept[name]
+                if dropped:
+                    logger.info("%s.name=%s from the command line replaces %s: the file's %s keys %s "
+                                "are not applied", path, now, chosen, path, ", ".join(dropped))
+        variant = tp
+        if _is_slot(tp):
+            value = data[name] if isinstance(data[name], Mapping) else {"name": data[name]}
+            variant = _variant(tp, value, _default(f), path)
+        if isinstance(data[name], dict):
+            _drop_switched_slots(variant, in_file, data[name], overrides, path)
+
+
+def _slot_name(section: Any, default: Any, tp: type) -> str:
+    if isinstance(section, str):
+        return section
+    if isinstance(section, Mapping) and "name" in section:
+        return section["name"]
+    return default.name if isinstance(default, tp) else _default(_init_fields(tp)["name"])
+
+
+def _flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in tree.items():
+        if isinstance(v, Mapping) and v:
+            out += _flat_keys(v, _join(prefix, k))
+        else:
+            out.append(_join(prefix, k))
+    return out
+
+
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     *parents, leaf = key.split(".")
     node = data
@@ -237,6 +368,8 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
         child = node.get(part)
         if child is None:  # absent, or an empty YAML section (`actor:`), which loads as None
             child = node[part] = {}
+        elif isinstance(child, str):  # a slot's shorthand (`engine: sglang`) gains keys; any
+            child = node[part] = {"name": child}  # other string section fails the schema check
         elif not isinstance(child, dict):
             where = f"'{'.'.join(parents[: i + 1])}' holds {child!r}"
             raise ValueError(f"cannot apply override '{key}': {where}, not a mapping")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -29,15 +29,20 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         if self.importable and ":" in name:
-            module, _, attr = name.partition(":")
-            try:
-                return getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError) as e:
-                raise ValueError(f"{self.kind} {name!r}: cannot import {attr!r} from {module!r}: {e}") from e
+            return self.import_object(name, kind=self.kind)
         if name not in self._items:
             hint = " (or a 'package.module:name' import path)" if self.importable else ""
             raise ValueError(f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}{hint}")
         return self._items[name]
+
+    @staticmethod
+    def import_object(path: str, *, kind: str) -> Any:
+        """The object at "package.module:attr"; ValueError naming what failed."""
+        module, _, attr = path.partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"{kind} {path!r}: cannot import {attr!r} from {module!r}: {e}") from e
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -3,26 +3,29 @@
     A_i = (r_i - median_g) * scale
 
 The median is robust to a few outlier rewards in a group (e.g. a shaped bonus gone wild).
-Everything else is GRPO's: sampling, scoring, the PPO-clip loss and its settings
-(algorithm.grpo.*). Its own parameters come from `algorithm.extra`, checked strictly against
-a dataclass. Select it by import path, from the repository root:
+Everything else is GRPO's: sampling, scoring, the PPO-clip loss and its settings. Its Config,
+the annotation of `build_graph`'s parameter, becomes the schema of the `algorithm:` section, as
+strictly loaded as a built-in one (`algorithm.scale`, `algorithm.loss.kl_coef`, ...). Select it
+by import path, from the repository root:
 
     torchrun --nproc_per_node=2 -m launch.train --config configs/quickstart.yaml \\
-        algorithm.name=examples.median_grpo:build_graph algorithm.extra.scale=2.0
+        algorithm.name=examples.median_grpo:build_graph algorithm.scale=2.0
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from algorithms import common
-from core.config import from_dict
+from algorithms.base import PolicyGradientConfig
+from algorithms.grpo import GRPOLoss
 from core.graph import Graph, Node
 
 
 @dataclass(kw_only=True, slots=True)
-class MedianConfig:
+class MedianConfig(PolicyGradientConfig):
+    loss: GRPOLoss = field(default_factory=GRPOLoss)
     scale: float = 1.0
     """Multiplies the advantage (a learning-rate knob for the policy-gradient term)."""
 
@@ -37,17 +40,16 @@ def median_advantages(rewards_B: torch.Tensor, group_ids_B: torch.Tensor,
     return (scale * adv_B)[:, None] * mask_BR
 
 
-def build_graph(job) -> Graph:
-    mine = from_dict(MedianConfig, job.algorithm.extra, source="algorithm.extra")
-    grpo = job.algorithm.grpo
-    loss = common.resolve_loss(grpo.loss, job)
+def build_graph(cfg: MedianConfig) -> Graph:
+    ref_before, ref_after = common.reference_nodes(bool(cfg.loss.kl_coef))
     return Graph("median_grpo", [
         common.generate(),
         common.score(),
-        common.shape(grpo.rewards, job),
-        common.old_logp(),
-        *([common.ref_logp()] if loss.kl_coef else []),
+        common.shape(cfg.rewards),
+        common.old_logp(cfg.recompute_old_logp),
+        *ref_before,
         Node("advantages", median_advantages, ("rewards", "group_ids", "response_mask"),
-             ("advantages",), kwargs={"scale": mine.scale}),
-        common.update_actor(loss),
+             ("advantages",), kwargs={"scale": cfg.scale}),
+        *common.policy_update(cfg),
+        *ref_after,
     ])

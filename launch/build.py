@@ -50,7 +50,11 @@ class Job:
 
 def build_plan(cfg: JobConfig) -> Plan:
     """The algorithm's stages and training graph, each validated before anything is built."""
-    plan = as_plan(get_algorithm(cfg.algorithm.name)(cfg))
+    algorithm = get_algorithm(cfg.algorithm.name)
+    if not isinstance(cfg.algorithm, algorithm.config):
+        raise TypeError(f"algorithm {cfg.algorithm.name!r} takes a {algorithm.config.__name__}, "
+                        f"got {type(cfg.algorithm).__name__}")
+    plan = as_plan(algorithm.build(cfg.algorithm))
     for graph in plan.graphs():
         graph.validate(PROMPT_FIELDS)
     return plan

@@ -8,7 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from algorithms.config import AlgorithmConfig
+import algorithms  # noqa: F401  (registers the built-in algorithms, whose Configs the slot picks)
+from algorithms.base import AlgorithmConfig
+from algorithms.grpo import GRPOConfig
 from core.checkpoint import CheckpointConfig
 from core.curriculum import CurriculumConfig
 from core.data import PromptFormat
@@ -87,7 +89,8 @@ class JobConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    algorithm: AlgorithmConfig = field(default_factory=GRPOConfig)
+    """The algorithm slot: `algorithm.name` picks its Config (the preset), e.g. DAPOConfig."""
     actor: Actor.Config = field(default_factory=Actor.Config)
     critic: Critic.Config = field(default_factory=Critic.Config)
     """Built only by algorithms with a critic (ppo, orz, vapo)."""

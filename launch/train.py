@@ -101,9 +101,9 @@ class Trainer:
         stage = stream.stage_at(step)
         stream.set_stage(stage)
         if cur.max_new_tokens:
-            self.job.roles["rollout"].cfg.max_new_tokens = cur.max_new_tokens[stage]
+            self.job.roles["rollout"].max_new_tokens = cur.max_new_tokens[stage]
         return {"curriculum/stage": float(stage),
-                "curriculum/max_new_tokens": float(self.job.roles["rollout"].cfg.max_new_tokens)}
+                "curriculum/max_new_tokens": float(self.job.roles["rollout"].max_new_tokens)}
 
     def run_stage(self, stage: Stage) -> None:
         """A stage before training (e.g. value pre-training): rows with "stage" and "stage_step"."""

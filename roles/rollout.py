@@ -47,6 +47,9 @@ class Rollout:
         self._rank = rank
         self.calls = 0
         """Number of generate() calls so far; part of the sampling seed (and of resume state)."""
+        self.max_new_tokens = cfg.max_new_tokens
+        """The response budget now (a length curriculum changes it between steps; the config
+        keeps the value it was given)."""
 
     @classmethod
     def build(cls, cfg: Config, model, tokenizer, *, device: torch.device, seed: int,
@@ -66,7 +69,7 @@ class Rollout:
     def sampling(self, **overrides) -> SamplingParams:
         """The configured sampling parameters, with overrides (e.g. temperature=0 for eval)."""
         base = SamplingParams(temperature=self.cfg.temperature, top_p=self.cfg.top_p,
-                              top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens,
+                              top_k=self.cfg.top_k, max_new_tokens=self.max_new_tokens,
                               n=self.cfg.n, stop_token_ids=self.stop_token_ids)
         return dataclasses.replace(base, **overrides)
 
@@ -85,9 +88,11 @@ class Rollout:
         texts = [self.tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
                  for ids, m in zip(out.response_ids.cpu(), out.response_mask.cpu())]
         device = batch.prompt_ids.device
+        budget_B = torch.full((len(texts),), sampling.max_new_tokens, dtype=torch.long, device=device)
         return batch.repeat_interleave(sampling.n).with_fields(
             response_ids=out.response_ids.to(device), response_mask=out.response_mask.to(device),
-            rollout_logp=out.logp.to(device), response_text=texts, finish_reason=out.finish_reason)
+            rollout_logp=out.logp.to(device), response_text=texts, finish_reason=out.finish_reason,
+            response_budget=budget_B)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         return self.engine.load_weights(named_tensors)

@@ -2,6 +2,8 @@
 stop rule, against hand-computed values."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -23,6 +25,18 @@ def test_overlong_punishment_three_regimes():
 
 
 TEXTS = ["a", "b", "c", "d"]
+BUDGET_10 = torch.full((4,), 10)
+
+
+def test_shaping_follows_each_samples_own_budget():
+    """A length curriculum changes the budget between steps: each sample is shaped against
+    the budget it was generated with. Lengths 9 of budget 10 (buffer 2) and of budget 20
+    (buffer 4: 9 <= 16, no penalty); exploration 0.1 * 9/10 and 0.1 * 9/20."""
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    mask[:, :9] = 1
+    out = shape_rewards(torch.ones(2), mask, ["stop", "stop"], ["a", "b"], torch.tensor([10, 20]),
+                        cfg=RewardShaping(overlong_buffer_frac=0.2, exploration_coef=0.1))
+    torch.testing.assert_close(out.value, torch.tensor([1.0 - 0.5 + 0.09, 1.0 + 0.045]))
 
 
 def test_shape_rewards_dapo_and_orz():
@@ -31,15 +45,15 @@ def test_shape_rewards_dapo_and_orz():
     for i, n in enumerate([4, 9, 10, 10]):
         mask[i, :n] = 1
     finish = ["stop", "stop", "stop", "length"]
-    dapo = shape_rewards(scores, mask, finish, TEXTS, max_len=10,
+    dapo = shape_rewards(scores, mask, finish, TEXTS, BUDGET_10,
                          cfg=RewardShaping(correct=1, wrong=-1, overlong_buffer_frac=0.2))
     # buffer = 2 tokens: len 4 -> 0, len 9 -> (8 - 9) / 2 = -0.5, len 10 -> -1
     torch.testing.assert_close(dapo.value, torch.tensor([1.0, -1.5, 0.0, 0.0]))
     assert dapo.metrics["reward/correctness"] == 0.75
     assert dapo.metrics["reward/overlong"] == pytest.approx((0 - 0.5 - 1 - 1) / 4)
-    orz = shape_rewards(scores, mask, finish, TEXTS, max_len=10, cfg=RewardShaping(truncated=0.0))
+    orz = shape_rewards(scores, mask, finish, TEXTS, BUDGET_10, cfg=RewardShaping(truncated=0.0))
     torch.testing.assert_close(orz.value, torch.tensor([1.0, 0.0, 1.0, 0.0]))  # cut -> 0 even if right
-    rlsp = shape_rewards(scores, mask, finish, TEXTS, max_len=10, cfg=RewardShaping(exploration_coef=0.1))
+    rlsp = shape_rewards(scores, mask, finish, TEXTS, BUDGET_10, cfg=RewardShaping(exploration_coef=0.1))
     torch.testing.assert_close(rlsp.value, torch.tensor([1.04, 0.09, 1.1, 1.1]))
     assert rlsp.metrics["reward/exploration"] == pytest.approx(0.1 * 33 / 40)
 
@@ -48,7 +62,7 @@ def test_format_term():
     cfg = RewardShaping(format_regex=r"<think>.*</think>\s*<answer>.*</answer>", format_bonus=0.1,
                         format_penalty=-0.5)
     texts = ["<think>a\nb</think> <answer>3</answer>", "<answer>3</answer>", "", "<think>x</think><answer>y</answer>"]
-    out = shape_rewards(torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.ones(4, 3), ["stop"] * 4, texts, cfg=cfg, max_len=3)
+    out = shape_rewards(torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.ones(4, 3), ["stop"] * 4, texts, torch.full((4,), 3), cfg=cfg)
     torch.testing.assert_close(out.value, torch.tensor([1.1, 0.5, -0.5, 0.1]))
     assert out.metrics["reward/format"] == pytest.approx((0.1 - 0.5 - 0.5 + 0.1) / 4)
 
@@ -174,3 +188,23 @@ def test_non_finite_updates_are_skipped_then_stop_the_run():
     assert r["skipped"] == [1.0, 2.0]            # counted and logged; the weights never moved
     assert r["unchanged"]
     assert "3 optimizer steps in a row had a non-finite loss or gradient norm" in r["error"]
+
+
+def test_dr_grpo_norm_constant_is_the_steps_response_budget_at_run_time():
+    """seq-mean-token-sum-norm without norm_const divides by the budget the samples carry
+    (GlobalCounts.budget, the step's largest), exactly as an explicit norm_const would."""
+    from algorithms.drgrpo import DrGRPOLoss
+    from core.batch import GlobalCounts, global_counts
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]], requires_grad=True)
+    mb = Batch(response_mask=torch.tensor([[1, 1, 0], [1, 0, 0]]), old_logp=torch.zeros(2, 3),
+               advantages=torch.tensor([[1.0, 1.0, 0.0], [-2.0, 0.0, 0.0]]), response_budget=torch.tensor([8, 8]))
+    assert "response_budget" in DrGRPOLoss().inputs()
+    runtime, _ = DrGRPOLoss(log_entropy=False)(logp, None, mb, GlobalCounts(tokens=3.0, seqs=2.0, budget=8.0))
+    fixed, _ = DrGRPOLoss(log_entropy=False, norm_const=8.0)(logp, None, mb, GlobalCounts(tokens=3.0, seqs=2.0))
+    # ratio exp(logp): -(e^-1 + e^-2) * 1 for sample 0 (A > 0: the unclipped term is the max);
+    # sample 1 has A = -2 and ratio e^-0.5 < 0.8, so the clipped term 2 * 0.8 is the max; / (B C)
+    want = (-(math.exp(-1) + math.exp(-2)) + 2 * 0.8) / (2 * 8)
+    assert runtime.item() == pytest.approx(want) and fixed.item() == pytest.approx(want)
+    with pytest.raises(ValueError, match="needs norm_const"):
+        DrGRPOLoss(log_entropy=False)(logp, None, mb, GlobalCounts(tokens=3.0, seqs=2.0))
+    assert global_counts(mb).budget == 8.0

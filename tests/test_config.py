@@ -347,3 +347,95 @@ def test_flatten_uses_dotted_keys():
     assert flat["tags"] == ["a"] and flat["note"] is None
     assert flatten(Top())["model_config"] == {}  # an empty dict keeps its key
     assert not any(isinstance(v, dict) and v for v in flat.values())
+
+
+# --- default instances and typed slots -------------------------------------------------------
+
+from core.config import Slot  # noqa: E402
+
+
+@dataclass(kw_only=True, slots=True)
+class Clip:
+    low: float = 0.2
+    high: float = 0.2
+    agg: str = "token-mean"
+
+
+@dataclass(kw_only=True, slots=True)
+class Method(Slot):
+    name: str = "plain"
+    clip: Clip = field(default_factory=Clip)
+    steps: int = 1
+
+    @classmethod
+    def variant(cls, name: str) -> type:
+        table = {"plain": Method, "wide": Wide, "deep": Deep}
+        if name not in table:
+            raise ValueError(f"unknown method {name!r}; valid: {', '.join(table)}")
+        return table[name]
+
+
+@dataclass(kw_only=True, slots=True)
+class WideClip(Clip):
+    high: float = 0.28
+    agg: str = "seq-mean"
+
+
+@dataclass(kw_only=True, slots=True)
+class Wide(Method):
+    name: str = "wide"
+    clip: WideClip = field(default_factory=WideClip)
+    steps: int = 5
+
+
+@dataclass(kw_only=True, slots=True)
+class Deep(Method):
+    name: str = "deep"
+    layers: int = 3
+
+
+@dataclass(kw_only=True, slots=True)
+class WithPreset:
+    # a preset written as a default instance (what the old loader ignored)
+    clip: Clip = field(default_factory=lambda: Clip(high=0.3, agg="seq-mean"))
+    method: Method = field(default_factory=Method)
+
+
+def test_a_partial_section_overlays_the_default_instance():
+    cfg = load_config(WithPreset, None, ["clip.low=0.1"])
+    assert (cfg.clip.low, cfg.clip.high, cfg.clip.agg) == (0.1, 0.3, "seq-mean")
+
+
+def test_slot_name_picks_the_variant_and_partial_overrides_keep_its_preset():
+    cfg = load_config(WithPreset, None, ["method.name=wide", "method.clip.low=0.1"])
+    assert type(cfg.method) is Wide and type(cfg.method.clip) is WideClip
+    assert (cfg.method.clip.low, cfg.method.clip.high, cfg.method.clip.agg, cfg.method.steps) == \
+        (0.1, 0.28, "seq-mean", 5)
+    assert load_config(WithPreset, None, ["method=deep", "method.layers=4"]).method.layers == 4
+
+
+def test_slot_keys_are_checked_against_the_chosen_variant():
+    with pytest.raises(ValueError, match=r"unknown override key 'method.layerz'.*did you mean 'method.layers'"):
+        load_config(WithPreset, None, ["method.name=deep", "method.layerz=4"])
+    with pytest.raises(ValueError, match=r"unknown override key 'method.layers'"):
+        load_config(WithPreset, None, ["method.layers=4"])  # plain has no layers
+    with pytest.raises(ValueError, match=r"method.name.*unknown method 'wdie'; valid: plain, wide, deep"):
+        load_config(WithPreset, None, ["method.name=wdie"])
+
+
+def test_a_slot_in_a_file_round_trips_through_yaml(tmp_path):
+    cfg = load_config(WithPreset, write(tmp_path, "method: {name: wide, steps: 2}\n"))
+    assert type(cfg.method) is Wide and cfg.method.steps == 2 and cfg.method.clip.high == 0.28
+    again = from_dict(WithPreset, yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg and type(again.method) is Wide
+
+
+def test_switching_a_slot_on_the_command_line_drops_the_files_keys_for_it(tmp_path, caplog):
+    path = write(tmp_path, "method: {name: plain, steps: 7, clip: {agg: x}}\n")
+    with caplog.at_level("INFO", logger="core.config"):
+        cfg = load_config(WithPreset, path, ["method.name=wide", "method.clip.low=0.05"])
+    assert type(cfg.method) is Wide and cfg.method.steps == 5  # Wide's preset, not the file's 7
+    assert (cfg.method.clip.low, cfg.method.clip.agg) == (0.05, "seq-mean")
+    assert "method.name=wide" in caplog.text and "clip.agg, steps" in caplog.text
+    same = load_config(WithPreset, path, ["method.name=plain", "method.clip.low=0.05"])
+    assert same.method.steps == 7 and same.method.clip.agg == "x"  # no switch: the file applies

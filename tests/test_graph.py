@@ -32,17 +32,14 @@ def test_cycle_is_rejected():
 
 def test_order_groups_phases_and_roles_are_derived():
     from algorithms.grpo import build_graph
-    from launch.config import JobConfig
-    cfg = JobConfig()
-    cfg.algorithm.grpo.loss.kl_coef = 0.04
-    g = build_graph(cfg)
+    from algorithms.grpo import GRPOConfig, GRPOLoss
+    g = build_graph(GRPOConfig(loss=GRPOLoss(kl_coef=0.04)))
     g.validate(PROMPT_FIELDS)
     phases = [n.phase for n in g.order(PROMPT_FIELDS) if n.phase is not Phase.ANY]
     switches = sum(a is not b for a, b in zip(phases, phases[1:]))
     assert switches == 1  # generate once, then train: one switch per step
     assert g.roles() == {"rollout", "reward", "actor", "reference"}
-    cfg.algorithm.grpo.loss.kl_coef = 0.0
-    assert "reference" not in build_graph(cfg).roles()  # no KL -> no reference model built
+    assert "reference" not in build_graph(GRPOConfig(loss=GRPOLoss(kl_coef=0.0))).roles()  # no KL -> no reference model built
     assert "flowchart" in g.to_mermaid(PROMPT_FIELDS) and "actor.update" in g.to_text(PROMPT_FIELDS)
 
 

@@ -117,7 +117,7 @@ def _built_roles(overrides: list[str]) -> list[str]:
 def test_only_roles_the_graph_uses_are_built():
     small = ["data.task.train_size=500", "data.task.eval_size=10"]
     assert run_distributed(_built_roles, small, world_size=1)[0] == ["actor", "reward", "rollout"]
-    assert run_distributed(_built_roles, small + ["algorithm.grpo.loss.kl_coef=0.01"], world_size=1)[0] == \
+    assert run_distributed(_built_roles, small + ["algorithm.loss.kl_coef=0.01"], world_size=1)[0] == \
         ["actor", "reference", "reward", "rollout"]
 
 

@@ -25,7 +25,7 @@ def test_median_advantages_hand_computed():
 def test_example_runs_from_yaml_import_path(tmp_path):
     out = tmp_path / "median"
     torchrun("configs/quickstart.yaml", f"run.output_dir={out}", "algorithm.name=examples.median_grpo:build_graph",
-             "algorithm.extra.scale=2.0", "run.steps=2", "data.prompts_per_step=8", "rollout.n=4",
+             "algorithm.scale=2.0", "run.steps=2", "data.prompts_per_step=8", "rollout.n=4",
              "eval.every=0", "data.task.eval_size=20", "data.task.train_size=1000")
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2]
@@ -33,11 +33,13 @@ def test_example_runs_from_yaml_import_path(tmp_path):
     assert "timing_s/advantages" in rows[1]
 
 
-def test_example_rejects_unknown_parameters():
+def test_example_is_loaded_as_strictly_as_a_builtin_algorithm():
     from core.config import load_config
+    from examples.median_grpo import MedianConfig
     from launch.config import JobConfig
-    from launch.build import build_plan
-    cfg = load_config(JobConfig, ROOT / "configs" / "quickstart.yaml",
-                      ["algorithm.name=examples.median_grpo:build_graph", "algorithm.extra.scal=2"])
-    with pytest.raises(ValueError, match="did you mean 'scale'"):
-        build_plan(cfg)
+    path = ROOT / "configs" / "quickstart.yaml"
+    with pytest.raises(ValueError, match=r"unknown override key 'algorithm.scal'; did you mean 'algorithm.scale'"):
+        load_config(JobConfig, path, ["algorithm.name=examples.median_grpo:build_graph", "algorithm.scal=2"])
+    cfg = load_config(JobConfig, path, ["algorithm.name=examples.median_grpo:build_graph", "algorithm.scale=3"])
+    assert type(cfg.algorithm) is MedianConfig and cfg.algorithm.scale == 3.0
+    assert cfg.algorithm.loss.agg_mode == "seq-mean-token-mean"  # its Config's GRPO loss preset
