@@ -776,11 +776,13 @@ def check(out: Path, device: str, names: list[str], sets: dict[str, dict[str, An
         params = {**(stage.cuda if device == "cuda" else stage.cpu), **sets.get(name, {})}
         left = budget - (time.perf_counter() - t0)
         if left < 10:
-            run["stages"][i] = {"name": name, "status": "skipped", "params": params,
-                                "error": f"time budget of {budget:.0f} s spent"}
+            run["stages"][i] = _bare(name, "skipped", params, f"time budget of {budget:.0f} s spent")
         else:
             print(f"[gpu_check] {name}: starting (timeout {min(params['timeout_s'], left):.0f} s)", flush=True)
-            run["stages"][i] = run_stage(stage, params, device, out, min(float(params["timeout_s"]), left))
+            try:
+                run["stages"][i] = run_stage(stage, params, device, out, min(float(params["timeout_s"]), left))
+            except KeyboardInterrupt:  # stopped before or after the stage's own wait
+                run["stages"][i] = _bare(name, "interrupted", params, "the check was stopped")
         rec = run["stages"][i]
         print(f"[gpu_check] {name}: {rec['status']} in {rec.get('seconds', 0):.1f} s"
               + (f": {rec['error'].splitlines()[0]}" if rec.get("error") else ""), flush=True)
@@ -791,6 +793,11 @@ def check(out: Path, device: str, names: list[str], sets: dict[str, dict[str, An
     run["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_reports(out, run)
     return run
+
+
+def _bare(name: str, status: str, params: dict[str, Any], error: str) -> dict[str, Any]:
+    """The record of a stage that did not run (or was stopped before its process started)."""
+    return {"name": name, "status": status, "params": params, "figures": {}, "checks": {}, "error": error}
 
 
 def _stop(signum: int, frame: object) -> None:
