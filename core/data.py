@@ -144,8 +144,11 @@ class PromptStream:
                              f"{len(dataset) // world_size} per epoch")
         self.sampler = ShardedSampler(len(dataset), rank=rank, world_size=world_size, seed=seed,
                                       shuffle=shuffle)
+        # Its own generator: each `iter(loader)` draws a base seed, which must not come from the
+        # global RNG (a resumed run would otherwise leave it a draw ahead of an uninterrupted one).
         self.loader = StatefulDataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
                                          drop_last=True, num_workers=0,
+                                         generator=torch.Generator().manual_seed(seed),
                                          collate_fn=lambda items: collate_prompts(items, pad_id=pad_id))
         self._it: Iterator[Batch] | None = None
 

@@ -103,7 +103,7 @@ def test_resume_is_bitwise_identical(straight, resumed):
     # the resumed run really moved on from its step-2 checkpoint (else the equality is vacuous)
     assert not torch.equal(state["actor"]["model"]["model.norm.weight"],
                            dcp_state(resumed.step2)["actor"]["model"]["model.norm.weight"])
-    # RNG states are compared in the next test (a known divergence)
+    # RNG states are compared in the next test
     assert_same(without_rng(local_states(final)), without_rng(local_states(want)))
     assert_same(load_file(out / "hf" / "model.safetensors"),
                 load_file(straight.out / "hf" / "model.safetensors"))
@@ -114,14 +114,6 @@ def without_rng(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @pytest.mark.dist
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the resumed run's global torch RNG is 2 draws ahead of the uninterrupted run's. "
-    "launch/state.py load_local_state restores the RNG, then PromptStream.load_state_dict sets "
-    "_it = None, and the next `iter(self.loader)` (core/data.py PromptStream.__next__) draws "
-    "the DataLoader's base seed from the global RNG, which the uninterrupted run drew at step 1. "
-    "Latent today (nothing in training samples from the global torch RNG, so metrics and "
-    "weights stay bitwise equal); giving the StatefulDataLoader its own torch.Generator (or "
-    "restoring the RNG after the iterator exists) would fix it."))
 def test_resumed_torch_rng_state_is_the_uninterrupted_runs(straight, resumed):
     """The checkpoint carries the torch RNG so that a resumed run continues the same stream.
     (Python's and NumPy's global RNGs are left out: no entry point seeds them, so two straight

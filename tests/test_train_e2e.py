@@ -36,6 +36,7 @@ TINY = ["run.steps=3", "data.prompts_per_step=8", "rollout.n=4", "eval.every=2",
         "data.task.eval_size=40", "data.task.train_size=2000", "actor.micro_batch_size=8"]
 
 
+@pytest.mark.dist
 def test_tiny_grpo_run_matches_golden_numbers(tmp_path):
     """3 GRPO steps from the shipped checkpoint, 2 processes, fixed seed: per-step numbers equal
     the committed golden ones (set ROLEGRAPH_UPDATE_GOLDEN=1 to rewrite them after an
@@ -114,6 +115,7 @@ def _built_roles(overrides: list[str]) -> list[str]:
     return sorted(build_job(cfg).roles)
 
 
+@pytest.mark.dist
 def test_only_roles_the_graph_uses_are_built():
     small = ["data.task.train_size=500", "data.task.eval_size=10"]
     assert run_distributed(_built_roles, small, world_size=1)[0] == ["actor", "reward", "rollout"]
@@ -122,6 +124,7 @@ def test_only_roles_the_graph_uses_are_built():
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_quickstart_learns(tmp_path):
     """README command 1, exactly as shipped: held-out accuracy rises by >= 0.20 in <= 10 min."""
     out = tmp_path / "quickstart"
