@@ -1,26 +1,35 @@
 """The reward role: per-sample scores from rule scorers chosen by data source.
 
 Scoring runs in-process (`workers: 0`, for cheap scorers such as the built-in task's) or in a
-pool of worker processes with a per-sample CPU-time limit. Either way a scorer that raises or
-runs out of time yields 0 for that sample and is counted (`reward/errors`, `reward/timeouts`);
-training never stops because of a scorer. In the pool, the limit is a CPU-time timer in the
-worker (SIGVTALRM, separate from the wall-clock alarm math-verify uses for its own limits), and a
-wall-clock backstop for the whole batch replaces the pool if a worker is stuck in C code.
+pool of worker processes with per-sample limits. Either way a scorer that raises or runs out of
+time yields 0 for that sample and is counted (`reward/errors`, `reward/timeouts`); training never
+stops because of a scorer, only because the code sandbox cannot start here (roles/sandbox.py:
+`SandboxUnavailable`, unless `sandbox.allow_weak`; weak samples count as `reward/sandbox_weak`).
+
+In the pool each worker scores one sample at a time. Two limits apply per sample: CPU time in the
+worker (`timeout_s`, a SIGVTALRM timer, separate from the wall-clock alarm math-verify uses for
+its own limits), and wall-clock time however it is spent (`wall_timeout_s`: sleeping, stuck in C
+code, a sandbox run), watched by the parent: past it only that sample's worker is killed (its
+sandbox dies with it, `--die-with-parent`, and its cgroups are removed) and replaced, and only
+that sample counts as a timeout.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import multiprocessing as mp
+import multiprocessing.connection
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-import roles.code_scorer  # noqa: F401  (registers the "code" scorer)
 from core.batch import Batch
-from core.graph import Result
+from core.graph import Phase, Result
+from roles import code_scorer, sandbox_cgroup
+from roles.sandbox import SandboxConfig, SandboxUnavailable, isolation, weak_samples
 from roles.scorers import Scorer, get_scorer, register_scorer, scorer_names  # noqa: F401  (public API)
 
 logger = logging.getLogger(__name__)
@@ -29,6 +38,9 @@ ERROR, TIMEOUT = "error", "timeout"
 
 
 class Reward:
+    phase: ClassVar[Phase] = Phase.ANY
+    """Scoring runs on the CPU, in either device phase."""
+
     @dataclass(kw_only=True, slots=True)
     class Config:
         scorer: str | None = None
@@ -39,25 +51,50 @@ class Reward:
         """Scoring processes; 0 scores in this process (no time limit beyond the scorer's own)."""
         timeout_s: float = 10.0
         """CPU seconds one sample may take in a worker before it scores 0."""
+        wall_timeout_s: float | None = None
+        """Wall-clock seconds one sample may take in a worker, however spent; past it only that
+        sample's worker is replaced and the sample scores 0. None: 2 x timeout_s plus
+        sandbox.wall_seconds."""
+        sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+        """Isolation and per-sample limits of the `code` scorer's sandbox (roles/sandbox.py)."""
 
     def __init__(self, cfg: Config, *, device: torch.device | str = "cpu") -> None:
         self.cfg = cfg
         self.device = torch.device(device)
-        for name in {cfg.scorer, *cfg.source_scorers.values()} - {None}:
+        names = {cfg.scorer, *cfg.source_scorers.values()} - {None}
+        for name in names:
             get_scorer(name)  # fail at start-up on a typo, not at step 1
-        self._pool = ScoringPool(cfg.workers, cfg.timeout_s) if cfg.workers > 0 else None
+        code_scorer.configure(cfg.sandbox)
+        if "code" in names:
+            isolation(cfg.sandbox)  # no sandbox here: fail now, naming the missing piece
+        wall = cfg.wall_timeout_s or 2 * cfg.timeout_s + cfg.sandbox.wall_seconds
+        self._pool = (ScoringPool(cfg.workers, cfg.timeout_s, wall_timeout_s=wall,
+                                  sandbox=cfg.sandbox) if cfg.workers > 0 else None)
 
     def scorer_for(self, data_source: str) -> str:
         return self.cfg.source_scorers.get(data_source) or self.cfg.scorer or data_source
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # stateless between steps
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def sharded_state(self) -> None:
+        return None
 
     def score(self, batch: Batch) -> Result:
         """scores [B] float32 for response_text against ground_truth."""
         jobs = [(get_scorer(self.scorer_for(src)), text, truth)
                 for text, truth, src in zip(batch.response_text, batch.ground_truth, batch.data_source)]
-        outcomes = self._pool.map(jobs) if self._pool else [score_one(*job) for job in jobs]
+        weak_before = weak_samples()
+        outcomes, weak = (self._pool.map(jobs) if self._pool
+                          else ([score_one(*job) for job in jobs], 0))
         values = [o if isinstance(o, float) else 0.0 for o in outcomes]
         counts = {"reward/errors": float(sum(o == ERROR for o in outcomes)),
                   "reward/timeouts": float(sum(o == TIMEOUT for o in outcomes))}
+        if weak := weak + weak_samples() - weak_before:  # only where allow_weak let them run
+            counts["reward/sandbox_weak"] = float(weak)
         return Result(torch.tensor(values, dtype=torch.float32, device=self.device), counts=counts)
 
 
@@ -67,6 +104,8 @@ def score_one(scorer: Scorer, text: str, truth: Any) -> float | str:
         return float(scorer(text, truth))
     except _SampleTimeout:
         return TIMEOUT
+    except SandboxUnavailable:
+        raise  # the machine cannot score code at all: stop, do not train on zeros
     except Exception:  # a scorer bug must never stop training
         logger.exception("scorer %s raised; reward 0", getattr(scorer, "__name__", scorer))
         return ERROR
@@ -93,34 +132,131 @@ def _score_limited(scorer: Scorer, text: str, truth: Any, limit_s: float) -> flo
 
 
 class ScoringPool:
-    """Worker processes (forkserver: no copy of the trainer's threads or CUDA state)."""
+    """Worker processes scoring one sample each at a time, under per-sample CPU and wall limits.
 
-    def __init__(self, workers: int, timeout_s: float) -> None:
-        self.workers, self.timeout_s = workers, timeout_s
-        self._pool: Any = None
+    Forkserver workers: no copy of the trainer's threads or CUDA state. The forkserver's socket
+    lives in the trainer's /tmp, which no sandbox can see (roles/sandbox_bwrap.py).
+    """
 
-    def _ensure(self) -> Any:
-        if self._pool is None:
-            self._pool = mp.get_context("forkserver").Pool(self.workers)
-        return self._pool
+    def __init__(self, workers: int, timeout_s: float, *, wall_timeout_s: float,
+                 sandbox: SandboxConfig | None = None) -> None:
+        self.workers, self.timeout_s, self.wall_timeout_s = workers, timeout_s, wall_timeout_s
+        self.sandbox = sandbox or SandboxConfig()
+        self._live: list[_Worker] = []
 
-    def map(self, jobs: list[tuple[Scorer, str, Any]]) -> list[float | str]:
-        pool = self._ensure()
-        pending = [pool.apply_async(_score_limited, (*job, self.timeout_s)) for job in jobs]
-        # Backstop: every sample may use its limit, `workers` at a time, plus slack.
-        deadline = time.monotonic() + self.timeout_s * (len(jobs) / self.workers + 2) + 5
-        out: list[float | str] = []
-        for p in pending:
-            try:
-                out.append(p.get(timeout=max(0.0, deadline - time.monotonic())))
-            except mp.TimeoutError:
-                out.append(TIMEOUT)
-        if any(not p.ready() for p in pending):
-            logger.warning("scoring workers stuck past the deadline: replacing the pool")
-            self.close()
-        return out
+    def map(self, jobs: list[tuple[Scorer, str, Any]]) -> tuple[list[float | str], int]:
+        """Outcomes in job order, and how many samples ran in the sandbox's weak mode."""
+        while len(self._live) < self.workers:
+            self._live.append(_Worker.start(self.timeout_s, self.sandbox))
+        outcomes: list[float | str] = [TIMEOUT] * len(jobs)
+        todo = collections.deque(enumerate(jobs))
+        weak = 0
+        while todo or any(w.job is not None for w in self._live):
+            for worker in self._live:
+                if worker.job is None and todo:
+                    worker.send(*todo.popleft())
+            busy = [w for w in self._live if w.job is not None]
+            wait_s = min(w.started + self.wall_timeout_s for w in busy) - time.monotonic()
+            ready = set(mp.connection.wait([x for w in busy for x in (w.conn, w.sentinel)],
+                                           timeout=max(0.0, wait_s)))
+            for worker in busy:
+                index, outcome, weak_runs = worker.outcome(ready, self.wall_timeout_s)
+                if outcome is None:
+                    continue
+                outcomes[index] = outcome
+                weak += weak_runs
+                if worker.dead:
+                    self._replace(worker)
+        return outcomes, weak
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.kill()
+        self._live[self._live.index(worker)] = _Worker.start(self.timeout_s, self.sandbox)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.terminate()
-            self._pool = None
+        for worker in self._live:
+            worker.kill()
+        self._live = []
+
+
+@dataclass(slots=True)
+class _Worker:
+    """One scoring process and the sample it is on."""
+
+    process: Any
+    conn: Any
+    job: int | None = None
+    started: float = 0.0
+    dead: bool = False
+
+    @property
+    def sentinel(self) -> int:
+        return self.process.sentinel
+
+    @classmethod
+    def start(cls, timeout_s: float, sandbox: SandboxConfig) -> _Worker:
+        ctx = mp.get_context("forkserver")
+        conn, child = ctx.Pipe()
+        process = ctx.Process(target=_worker_main, args=(child, timeout_s, sandbox), daemon=True)
+        process.start()
+        child.close()
+        return cls(process=process, conn=conn)
+
+    def send(self, index: int, job: tuple[Scorer, str, Any]) -> None:
+        self.job, self.started = index, time.monotonic()
+        self.conn.send(job)
+
+    def outcome(self, ready: set[Any], wall_timeout_s: float) -> tuple[int, float | str | None, int]:
+        """(job, outcome or None while it runs, weak runs); marks the worker dead if it is."""
+        index = self.job
+        assert index is not None
+        if self.conn in ready:
+            try:
+                kind, value, weak_runs = self.conn.recv()
+            except (EOFError, OSError):
+                kind, value, weak_runs = "died", None, 0
+            if kind == "unavailable":
+                raise SandboxUnavailable(value)
+            if kind == "ok":
+                self.job = None
+                return index, value, weak_runs
+            logger.error("scoring worker %d died while scoring a sample; reward 0",
+                         self.process.pid)
+            self.dead = True
+            return index, ERROR, 0
+        if self.sentinel in ready:
+            logger.error("scoring worker %d died while scoring a sample; reward 0",
+                         self.process.pid)
+            self.dead = True
+            return index, ERROR, 0
+        if time.monotonic() >= self.started + wall_timeout_s:
+            logger.warning("a sample ran past its %.0f s wall-clock limit: replacing its "
+                           "scoring worker %d", wall_timeout_s, self.process.pid)
+            self.dead = True
+            return index, TIMEOUT, 0
+        return index, None, 0
+
+    def kill(self) -> None:
+        """SIGKILL the worker (its sandboxes die with it) and remove its sandboxes' cgroups."""
+        pid = self.process.pid
+        self.process.kill()
+        self.process.join()
+        self.conn.close()
+        sandbox_cgroup.remove_orphans(owner=pid)
+
+
+def _worker_main(conn: Any, timeout_s: float, sandbox: SandboxConfig) -> None:
+    """Worker loop: score each job under the CPU-time limit, send (kind, outcome, weak runs)."""
+    code_scorer.configure(sandbox)
+    while True:
+        try:
+            job = conn.recv()
+        except EOFError:
+            return
+        before = weak_samples()
+        try:
+            outcome = _score_limited(*job, timeout_s)
+        except SandboxUnavailable as e:
+            conn.send(("unavailable", str(e), 0))
+            continue
+        conn.send(("ok", outcome, weak_samples() - before))

@@ -147,17 +147,9 @@ def weak_samples() -> int:
 
 
 def isolation(cfg: SandboxConfig) -> str:
-    """"bwrap", or "weak" when it cannot start and ``cfg.allow_weak``; else SandboxUnavailable."""
-    reason = _strong_unavailable(cfg.bwrap, cfg.python)
-    if reason is None:
-        return STRONG
-    if not cfg.allow_weak:
-        raise SandboxUnavailable(
-            f"code sandbox unavailable: {reason}. Install bubblewrap (apt-get install "
-            f"bubblewrap) on a kernel that allows user and mount namespaces, or set "
-            f"reward.sandbox.allow_weak=true to run programs WITHOUT isolation")
-    _warn_weak(reason)
-    return WEAK
+    """"bwrap" (after a trial program ran in it, once per process), or "weak" when it cannot
+    start and ``cfg.allow_weak``; else SandboxUnavailable naming the missing piece."""
+    return _mode(cfg, trial=True)
 
 
 def run_program(program: str, cases: Sequence[Case], *, cfg: SandboxConfig,
@@ -171,10 +163,14 @@ def run_program(program: str, cases: Sequence[Case], *, cfg: SandboxConfig,
     global _weak_samples
     if not cases:
         raise ValueError("run_program needs at least one case")
-    mode = isolation(cfg)
-    if mode == WEAK:
-        _weak_samples += 1
-    return _run(program, cases, cfg, strong=mode == STRONG, keep_going=keep_going)
+    if _mode(cfg, trial=False) == STRONG:  # no trial: a sandbox that fails to start says so
+        try:
+            return _run(program, cases, cfg, strong=True, keep_going=keep_going)
+        except SandboxUnavailable as e:
+            _failures[(cfg.bwrap, cfg.python)] = str(e)
+            _mode(cfg, trial=False)  # raises, unless allow_weak
+    _weak_samples += 1
+    return _run(program, cases, cfg, strong=False, keep_going=keep_going)
 
 
 def run_python(code: str, *, stdin: str = "", cfg: SandboxConfig) -> RunResult:
@@ -188,23 +184,55 @@ def run_python(code: str, *, stdin: str = "", cfg: SandboxConfig) -> RunResult:
 
 # --------------------------------------------------------------------------- probing
 
+_failures: dict[tuple[str, str], str] = {}
+"""(bwrap, python) -> why a sandbox failed to start in this process."""
+_trialled: set[tuple[str, str]] = set()
+
+
+def _mode(cfg: SandboxConfig, *, trial: bool) -> str:
+    key = (cfg.bwrap, cfg.python)
+    if trial and key not in _trialled and not _static_problem(*key):
+        _trialled.add(key)
+        _trial(cfg)
+    reason = _static_problem(*key) or _failures.get(key)
+    if reason is None:
+        return STRONG
+    if not cfg.allow_weak:
+        raise SandboxUnavailable(
+            f"code sandbox unavailable: {reason}. Install bubblewrap (apt-get install "
+            f"bubblewrap) on a kernel that allows user and mount namespaces, or set "
+            f"reward.sandbox.allow_weak=true to run programs WITHOUT isolation")
+    _warn_weak(reason)
+    return WEAK
+
 
 @functools.cache
-def _strong_unavailable(bwrap: str, python: str) -> str | None:
-    """Why the bubblewrap sandbox cannot run here (None: it can); probed once per process."""
+def _static_problem(bwrap: str, python: str) -> str | None:
+    """What is missing for the bubblewrap sandbox, short of running it (None: nothing)."""
     if shutil.which(bwrap) is None:
         return f"bubblewrap ({bwrap!r}) is not installed"
     try:
         seccomp_filter()
-        run = _run("print('ok')", [Case()], SandboxConfig(python=python, bwrap=bwrap,
-                                                         wall_seconds=60), strong=True)
+        runtime(python)
     except (ValueError, SandboxUnavailable) as e:
         return str(e)
-    if [(r.returncode, r.stdout) for r in run.results] != [(0, "ok\n")]:
-        return f"a trial program did not run in the sandbox: {run.results}"
-    logger.info("sandbox: bubblewrap isolation works (%s, %.2f s for a trial program)",
-                runtime(python).python, run.seconds)
     return None
+
+
+def _trial(cfg: SandboxConfig) -> None:
+    """Run a trial program; a failure is recorded in _failures."""
+    key = (cfg.bwrap, cfg.python)
+    trial_cfg = SandboxConfig(python=cfg.python, bwrap=cfg.bwrap, wall_seconds=60)
+    try:
+        run = _run("print('ok')", [Case()], trial_cfg, strong=True)
+    except SandboxUnavailable as e:
+        _failures[key] = str(e)
+        return
+    if [(r.returncode, r.stdout) for r in run.results] != [(0, "ok\n")]:
+        _failures[key] = f"a trial program did not run in the sandbox: {run.results}"
+        return
+    logger.info("sandbox: bubblewrap isolation works (%s, %.2f s for a trial program)",
+                runtime(cfg.python).python, run.seconds)
 
 
 @functools.cache

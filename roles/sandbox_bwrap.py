@@ -14,8 +14,8 @@ The sandbox's filesystem is a fresh read-only root holding only:
 Namespaces: mount, PID, network (only a loopback of its own), IPC, UTS, cgroup; as non-root also
 a user namespace mapping uid/gid 65534 to the caller (``--disable-userns``: no nested ones). As
 root there is no user namespace (bubblewrap would map the program to host root); instead the
-harness keeps only CAP_SETUID/CAP_SETGID and drops itself to 65534:65534 on the host before any
-program runs. ``--die-with-parent`` ties the sandbox to the scoring process; ``--new-session``
+harness keeps only CAP_SETUID/CAP_SETGID/CAP_SETPCAP and drops itself to 65534:65534 on the host,
+with every capability set emptied, before any program runs. ``--die-with-parent`` ties the sandbox to the scoring process; ``--new-session``
 detaches it from any terminal; the seccomp filter is roles/sandbox_seccomp.py.
 """
 from __future__ import annotations
@@ -85,7 +85,11 @@ def _shared_libraries(exe: str, dynload: str | None) -> list[str]:
     ldd = shutil.which("ldd", path="/usr/bin:/bin:/usr/sbin:/sbin")
     if ldd is None:
         raise SandboxUnavailable("ldd not found: cannot list the interpreter's shared libraries")
-    files = [exe, *sorted(glob.glob(os.path.join(dynload or "", "*.so")))]
+    # _tkinter needs a display the sandbox never has; its ~17 X11/Tk libraries would cost a
+    # bind mount each on every sample.
+    modules = [m for m in glob.glob(os.path.join(dynload or "", "*.so"))
+               if not os.path.basename(m).startswith("_tkinter")]
+    files = [exe, *sorted(modules)]
     out = subprocess.run([ldd, *files], capture_output=True, text=True, timeout=60, check=False)
     return sorted(set(_LDD_PATH.findall(out.stdout)))
 
@@ -110,7 +114,8 @@ def bwrap_args(bwrap: str, rt: Runtime, *, as_root: bool, disk_bytes: int, secco
     args = [bwrap, "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid",
             "--unshare-net", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
     if as_root:  # see the module docstring: the harness drops to 65534 itself
-        args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        args += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+                 "--cap-add", "CAP_SETPCAP"]
     else:
         args += ["--unshare-user", "--disable-userns", "--uid", str(SANDBOX_UID),
                  "--gid", str(SANDBOX_GID)]

@@ -8,17 +8,21 @@ against ``memory_mb`` (swap too: ``memsw`` / ``memory.swap.max`` = 0 extra), and
 counts the sample's processes and threads, not the uid's. Past the memory limit the kernel's OOM
 killer kills inside the cgroup only.
 
-Names are ``<owner pid>.<owner start time>.<n>`` under ``rolegraph-sandbox/``, so a cgroup whose
-owner died (a scoring worker killed by the pool) is recognised and removed by
-:func:`remove_orphans`.
+They are made under the scoring process's own cgroup, so whatever limits the job already has
+(a SLURM or Kubernetes memory limit) still hold, and a non-root user with a delegated cgroup
+(chowned to it) gets the same limits as root. Layout: ``<own cgroup>/rolegraph-sandbox-<pid>.
+<start time>/<n>``, one parent per scoring process, removed when it exits; the parent of a
+process that died (a scoring worker killed by the pool) is recognised by its name and removed
+by :func:`remove_orphans`.
 
-Where the controllers cannot be used (not root, read-only cgroupfs, v2 without the controllers
-delegated), :func:`cgroups` returns None and says why once in the log; the sandbox then limits
+Where the controllers cannot be used (not root and nothing delegated, read-only cgroupfs, v2
+without the controllers available), :func:`cgroups` returns None and says why once in the log; the sandbox then limits
 memory per process only (RLIMIT_AS, RLIMIT_FSIZE per file, the tmpfs size) and processes through
 RLIMIT_NPROC inside the sample's own user namespace (see roles/sandbox.py).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import itertools
@@ -31,8 +35,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-GROUP = "rolegraph-sandbox"
-"""Directory, in each hierarchy, that holds the per-sample cgroups."""
+PREFIX = "rolegraph-sandbox-"
+"""Name prefix of each scoring process's parent directory of per-sample cgroups."""
 _counter = itertools.count()
 
 
@@ -43,6 +47,7 @@ class Cgroups:
     version: int
     """1 (memory and pids hierarchies) or 2 (unified)."""
     memory_parent: Path
+    """This process's parent of per-sample cgroups (memory hierarchy; v2: the only one)."""
     pids_parent: Path
 
 
@@ -101,7 +106,7 @@ class SampleCgroup:
 
 def create(hierarchy: Cgroups, *, memory_bytes: int, max_processes: int) -> SampleCgroup:
     """A fresh cgroup (pair) with these limits; OSError if the kernel refuses."""
-    group = SampleCgroup(hierarchy=hierarchy, name=f"{_owner_tag(os.getpid())}.{next(_counter)}")
+    group = SampleCgroup(hierarchy=hierarchy, name=str(next(_counter)))
     try:
         if hierarchy.version == 1:
             mem = _mkdir(group, hierarchy.memory_parent / group.name)
@@ -127,44 +132,49 @@ def cgroups() -> Cgroups | None:
         create(hierarchy, memory_bytes=64 << 20, max_processes=8).remove()
     except (OSError, LookupError) as e:
         logger.warning("sandbox: no per-sample cgroup limits (%s); memory is limited per process "
-                       "(RLIMIT_AS) and processes per sample through RLIMIT_NPROC in the "
+                       "only (RLIMIT_AS) and processes per sample through RLIMIT_NPROC in the "
                        "sample's user namespace", e)
         return None
+    atexit.register(_remove_parents, hierarchy)
     logger.info("sandbox: per-sample memory and pids limits through cgroup v%d (%s)",
                 hierarchy.version, hierarchy.memory_parent)
     return hierarchy
 
 
-def remove_orphans(hierarchy: Cgroups | None = None, *, owner: int | None = None) -> int:
-    """Kill and remove per-sample cgroups whose owning process is gone (or is ``owner``).
-
-    Returns how many were removed. Called when the scoring pool kills a worker (whose
-    sandboxes die with it, see ``--die-with-parent``, but whose cgroups would stay).
-    """
-    hierarchy = hierarchy or cgroups()
+def remove_orphans(*, owner: int | None = None) -> int:
+    """Kill and remove the per-sample cgroups of scoring processes that are gone (or of
+    ``owner``, about to be). Returns how many parents were removed. The scoring pool calls it
+    when it kills a worker: the worker's sandboxes die with it, its cgroups would stay."""
+    hierarchy = cgroups()
     if hierarchy is None:
         return 0
-    names = {d.name for parent in {hierarchy.memory_parent, hierarchy.pids_parent}
-             if parent.is_dir() for d in parent.iterdir() if d.is_dir()}
     removed = 0
-    for name in sorted(names):
-        pid_text, start, _ = (name.split(".") + ["", "", ""])[:3]
-        if not pid_text.isdigit():
-            continue
-        pid = int(pid_text)
-        if pid != owner and _owner_tag(pid) == f"{pid}.{start}":
-            continue  # its owner is alive: the sandbox is still in use
-        group = SampleCgroup(hierarchy=hierarchy, name=name, dirs=[
-            d for d in {hierarchy.memory_parent / name, hierarchy.pids_parent / name}
-            if d.is_dir()])
-        group.remove()
-        removed += 1
+    for parent_dir in {hierarchy.memory_parent.parent, hierarchy.pids_parent.parent}:
+        for d in parent_dir.glob(PREFIX + "*"):
+            pid_text, _, start = d.name[len(PREFIX):].partition(".")
+            if not pid_text.isdigit():
+                continue
+            if int(pid_text) != owner and _owner_tag(int(pid_text)) == f"{pid_text}.{start}":
+                continue  # its owner is alive: in use
+            _remove_parent(hierarchy, d)
+            removed += 1
     return removed
 
 
+def _remove_parents(hierarchy: Cgroups) -> None:
+    for d in {hierarchy.memory_parent, hierarchy.pids_parent}:
+        _remove_parent(hierarchy, d)
+
+
+def _remove_parent(hierarchy: Cgroups, parent: Path) -> None:
+    for child in [c for c in parent.iterdir() if c.is_dir()] if parent.is_dir() else []:
+        SampleCgroup(hierarchy=hierarchy, name=child.name, dirs=[child]).remove()
+    _rmdir_retrying(parent)
+
+
 def _find() -> Cgroups:
-    """The v1 memory+pids mounts, else a v2 mount with both controllers; LookupError if none."""
-    mounts = {}
+    """Parents under this process's own cgroup: v1 memory+pids, else v2; LookupError if none."""
+    mounts: dict[str, Path] = {}
     with open("/proc/self/mounts") as f:
         for line in f:
             _, target, fstype, options, *_ = line.split()
@@ -174,28 +184,45 @@ def _find() -> Cgroups:
                         mounts[controller] = Path(target)
             elif fstype == "cgroup2":
                 mounts.setdefault("unified", Path(target))
+    own = _own_cgroups()
+    name = PREFIX + _owner_tag(os.getpid())
     if "memory" in mounts and "pids" in mounts:
-        mem = _ensure_parent(mounts["memory"] / GROUP)
-        return Cgroups(version=1, memory_parent=mem, pids_parent=_ensure_parent(
-            mounts["pids"] / GROUP))
+        return Cgroups(version=1, memory_parent=_ensure_dir(mounts["memory"], own["memory"], name),
+                       pids_parent=_ensure_dir(mounts["pids"], own["pids"], name))
     if "unified" in mounts:
-        return _find_v2(mounts["unified"])
+        return _find_v2(mounts["unified"], own[""], name)
     raise LookupError("no cgroup memory+pids controllers are mounted")
 
 
-def _find_v2(root: Path) -> Cgroups:
-    available = (root / "cgroup.controllers").read_text().split()
+def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup path per v1 controller ("" for v2), from /proc/self/cgroup."""
+    own = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for controller in controllers.split(","):
+                own[controller] = path
+    return own
+
+
+def _find_v2(root: Path, own: str, name: str) -> Cgroups:
+    base = root / own.lstrip("/")
+    available = (base / "cgroup.controllers").read_text().split()
     if missing := {"memory", "pids"} - set(available):
-        raise LookupError(f"cgroup2 at {root} lacks the {', '.join(sorted(missing))} "
-                          f"controller(s) (bound to v1 or not enabled)")
-    parent = _ensure_parent(root / GROUP)
-    # The parent holds no process, so it may hand the controllers to its children.
-    (root / "cgroup.subtree_control").write_text("+memory +pids")
+        raise LookupError(f"cgroup2 at {base} lacks the {', '.join(sorted(missing))} "
+                          f"controller(s) (bound to v1, or not delegated)")
+    # Handing controllers down needs a cgroup without processes (true only of the root
+    # cgroup here); elsewhere they must already be enabled for our children.
+    enabled = (base / "cgroup.subtree_control").read_text().split()
+    if {"memory", "pids"} - set(enabled):
+        (base / "cgroup.subtree_control").write_text("+memory +pids")
+    parent = _ensure_dir(root, own, name)
     (parent / "cgroup.subtree_control").write_text("+memory +pids")
     return Cgroups(version=2, memory_parent=parent, pids_parent=parent)
 
 
-def _ensure_parent(path: Path) -> Path:
+def _ensure_dir(mount: Path, own: str, name: str) -> Path:
+    path = mount / own.lstrip("/") / name
     path.mkdir(exist_ok=True)
     return path
 

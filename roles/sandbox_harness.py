@@ -140,10 +140,7 @@ def _harness_main():
     os.dup2(null, 0)
     os.close(null)
     if spec["drop_to"] is not None:  # as root: the program never runs as the caller's uid
-        uid, gid = spec["drop_to"]
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)  # clears the capabilities bubblewrap kept for this
+        _harness_drop(*spec["drop_to"])
     os.chdir(spec["workdir"])
     with open(PROGRAM_NAME, "w", encoding="utf-8", errors="replace") as f:
         f.write(spec["program"])
@@ -154,6 +151,21 @@ def _harness_main():
         report = _harness_case(spec, case, channel)
         _harness_write_all(channel, (json.dumps(report) + "\n").encode())
         _harness_sweep(spec, report["pid"])
+
+
+def _harness_drop(uid, gid):
+    """Become uid:gid with no capability left in any set (bubblewrap kept SETUID, SETGID and
+    SETPCAP for this): the bounding set emptied first, then the ids, then the inheritable set
+    (setuid clears the others)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in range(64):
+        libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; EINVAL past the kernel's last cap
+    os.setgroups([])
+    os.setgid(gid)  # as root these set the real, effective and saved ids
+    os.setuid(uid)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
 
 
 def _harness_case(spec, case, channel):
@@ -308,9 +320,9 @@ def _source(*functions: Any, imports: str, call: str) -> str:
 
 
 HARNESS_SOURCE = _source(
-    _harness_main, _harness_case, _harness_exec, _harness_sweep, _harness_tmpfile,
+    _harness_main, _harness_drop, _harness_case, _harness_exec, _harness_sweep, _harness_tmpfile,
     _harness_read_all, _harness_read_capped, _harness_write_all,
-    imports="json, os, resource, signal, sys, time", call="_harness_main()")
+    imports="ctypes, json, os, resource, signal, sys, time", call="_harness_main()")
 """Source of the harness (``python -I -S -c``)."""
 RUNNER_SOURCE = _source(
     _runner_main, _encode, _harness_read_all, _harness_write_all,

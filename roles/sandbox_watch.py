@@ -76,8 +76,13 @@ class Watch:
             _quietly(os.killpg, self._last_group, signal.SIGKILL)
         if self._reaper is not None:
             _quietly(signal.pidfd_send_signal, self._reaper, signal.SIGKILL)
-        _quietly(os.killpg, self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        # bubblewrap exits by itself once its reaper has: it reaps it. Killed first, it would
+        # leave the reaper's zombie to the host's init, which may be slow to collect it.
+        try:
+            self.proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            _quietly(os.killpg, self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
         if self._reaper is not None:
             # Readable once the reaper has exited, i.e. after the kernel has killed and reaped
             # everything in its PID namespace.
