@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from roles import sandbox_cgroup, sandbox_weak
-from roles.sandbox_bwrap import (SANDBOX_GID, SANDBOX_UID, WORKDIR, SandboxUnavailable, bwrap_args,
-                                 join_cgroups_prefix, runtime)
+from roles.sandbox_bwrap import (IO_DIR, SANDBOX_GID, SANDBOX_UID, WORKDIR, SandboxUnavailable,
+                                 bwrap_args, join_cgroups_prefix, runtime)
 from roles.sandbox_harness import HARNESS_SOURCE, RUNNER_SOURCE, decode_values
 from roles.sandbox_seccomp import seccomp_filter
 from roles.sandbox_watch import Watch
@@ -270,7 +270,7 @@ def _run(program: str, cases: Sequence[Case], cfg: SandboxConfig, *, strong: boo
         spec_f.seek(0)
         err_f = stack.enter_context(tempfile.TemporaryFile())
         argv, passed, status_r = _command(cfg, python, strong=strong, as_root=as_root,
-                                          channel_w=channel_w)
+                                          channel_w=channel_w, io_bytes=_io_bytes(cases, cfg))
         procs_files = group.procs_files if group is not None else []
         try:
             proc = subprocess.Popen(
@@ -330,7 +330,8 @@ def _spec(program: str, cases: Sequence[Case], cfg: SandboxConfig, *, workdir: s
     if nproc_limit:  # no pids cgroup; in the sandbox's user namespace this counts per sample
         limits["RLIMIT_NPROC"] = (cfg.max_processes + _OWN_PROCESSES,) * 2
     return {
-        "program": program, "workdir": workdir, "channel_fd": channel_fd,
+        "program": program, "workdir": workdir, "io_dir": IO_DIR if strong else workdir,
+        "channel_fd": channel_fd,
         "cases": [{"stdin": c.stdin, "steps": None if c.steps is None else list(c.steps)}
                   for c in cases],
         "pythons": [python] if strong else [python, *_FALLBACK_PYTHONS],
@@ -342,8 +343,14 @@ def _spec(program: str, cases: Sequence[Case], cfg: SandboxConfig, *, workdir: s
     }
 
 
-def _command(cfg: SandboxConfig, python: str, *, strong: bool, as_root: bool,
-             channel_w: int) -> tuple[list[str], list[int], int | None]:
+def _io_bytes(cases: Sequence[Case], cfg: SandboxConfig) -> int:
+    """Room for every case's stdin and steps, and its outputs up to the file-size limit."""
+    inputs = sum(len(c.stdin.encode("utf-8", "replace")) + len(json.dumps(c.steps)) for c in cases)
+    return inputs + 3 * len(cases) * (cfg.file_size_mb << 20) + (1 << 20)
+
+
+def _command(cfg: SandboxConfig, python: str, *, strong: bool, as_root: bool, channel_w: int,
+             io_bytes: int) -> tuple[list[str], list[int], int | None]:
     """(argv, fds to pass, read end of bubblewrap's status pipe or None)."""
     harness = [python, "-I", "-S", "-c", HARNESS_SOURCE]
     if not strong:
@@ -353,7 +360,8 @@ def _command(cfg: SandboxConfig, python: str, *, strong: bool, as_root: bool,
     with os.fdopen(seccomp_w, "wb") as f:  # a few hundred bytes: fits in the pipe buffer
         f.write(seccomp_filter())
     args = bwrap_args(cfg.bwrap, runtime(cfg.python), as_root=as_root,
-                      disk_bytes=cfg.disk_mb << 20, seccomp_fd=seccomp_r, status_fd=status_w)
+                      disk_bytes=cfg.disk_mb << 20, io_bytes=io_bytes, seccomp_fd=seccomp_r,
+                      status_fd=status_w)
     return [*args, "--", *harness], [channel_w, status_w, seccomp_r], status_r
 
 

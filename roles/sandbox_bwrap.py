@@ -7,9 +7,11 @@ The sandbox's filesystem is a fresh read-only root holding only:
   plus ``/etc/ld.so.cache`` so that the loader resolves them as on the host;
 * a new ``/proc`` (this PID namespace only) and a minimal ``/dev`` (null, zero, full, random,
   urandom, tty), then remounted read-only;
-* ``/sandbox``, the sample's workdir: a tmpfs of ``disk_mb``, the only writable place. It exists
-  only in the sandbox's mount namespace, so it is gone when the last process of the sample is:
-  nothing is ever left on the host to clean up, whatever the program wrote there.
+* ``/sandbox``, the sample's workdir: a tmpfs of ``disk_mb``, the only writable place besides
+  ``/io``, the harness's tmpfs for each case's stdin and outputs (sized for them, so a program
+  that fills its workdir still has its output recorded). Both exist only in the sandbox's mount
+  namespace, so they are gone when the last process of the sample is: nothing is ever left on
+  the host to clean up, whatever the program wrote there.
 
 Namespaces: mount, PID, network (only a loopback of its own), IPC, UTS, cgroup; as non-root also
 a user namespace mapping uid/gid 65534 to the caller (``--disable-userns``: no nested ones). As
@@ -32,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 WORKDIR = "/sandbox"
+IO_DIR = "/io"
+"""The harness's tmpfs for each case's stdin, stdout, stderr and values."""
 SANDBOX_UID = SANDBOX_GID = 65534
 """The program's uid/gid: host ``nobody`` as root, mapped to the caller in a user namespace."""
 
@@ -108,8 +112,8 @@ def _inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
 
-def bwrap_args(bwrap: str, rt: Runtime, *, as_root: bool, disk_bytes: int, seccomp_fd: int,
-               status_fd: int) -> list[str]:
+def bwrap_args(bwrap: str, rt: Runtime, *, as_root: bool, disk_bytes: int, io_bytes: int,
+               seccomp_fd: int, status_fd: int) -> list[str]:
     """bubblewrap's options up to (not including) ``--`` and the command."""
     args = [bwrap, "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid",
             "--unshare-net", "--unshare-uts", "--unshare-cgroup-try", "--hostname", "sandbox"]
@@ -129,6 +133,7 @@ def bwrap_args(bwrap: str, rt: Runtime, *, as_root: bool, disk_bytes: int, secco
         args += ["--tmpfs", path, "--remount-ro", path]
     args += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
              "--perms", "1777", "--size", str(disk_bytes), "--tmpfs", WORKDIR,
+             "--perms", "1777", "--size", str(io_bytes), "--tmpfs", IO_DIR,
              "--chdir", WORKDIR, "--remount-ro", "/",
              "--seccomp", str(seccomp_fd), "--json-status-fd", str(status_fd)]
     return args

@@ -144,11 +144,14 @@ def _harness_main():
     os.chdir(spec["workdir"])
     with open(PROGRAM_NAME, "w", encoding="utf-8", errors="replace") as f:
         f.write(spec["program"])
+    # Every case's files up front, on their own tmpfs: a program that fills its workdir still
+    # has its outputs recorded, and the harness never needs space later.
+    files = [_harness_case_files(spec["io_dir"], case) for case in spec["cases"]]
     pythons = [p for p in spec["pythons"] if os.access(p, os.X_OK)]  # as the sandbox uid
     spec["python"] = pythons[0] if pythons else spec["pythons"][0]
     _harness_write_all(channel, b'{"ready": true}\n')
-    for case in spec["cases"]:
-        report = _harness_case(spec, case, channel)
+    for case, fds in zip(spec["cases"], files):
+        report = _harness_case(spec, case, fds, channel)
         _harness_write_all(channel, (json.dumps(report) + "\n").encode())
         _harness_sweep(spec, report["pid"])
 
@@ -168,15 +171,21 @@ def _harness_drop(uid, gid):
         raise OSError(ctypes.get_errno(), "capset")
 
 
-def _harness_case(spec, case, channel):
+def _harness_case_files(io_dir, case):
+    """stdin, stdout, stderr (and the steps and values) of one case, as unnamed files."""
+    fds = [_harness_tmpfile(io_dir, case["stdin"].encode("utf-8", "replace")),
+           _harness_tmpfile(io_dir), _harness_tmpfile(io_dir)]
+    if case["steps"] is not None:
+        fds += [_harness_tmpfile(io_dir, json.dumps(case["steps"]).encode()),
+                _harness_tmpfile(io_dir)]
+    return fds
+
+
+def _harness_case(spec, case, fds, channel):
     """Run the program once on ``case``; its status, outputs and (with steps) values."""
-    workdir, cap = spec["workdir"], spec["max_output_bytes"]
-    fds = [_harness_tmpfile(workdir, case["stdin"].encode("utf-8", "replace")),
-           _harness_tmpfile(workdir), _harness_tmpfile(workdir)]
+    cap = spec["max_output_bytes"]
     args = ["-I", "-X", "utf8", PROGRAM_NAME]
     if case["steps"] is not None:
-        fds += [_harness_tmpfile(workdir, json.dumps(case["steps"]).encode()),
-                _harness_tmpfile(workdir)]
         args = ["-I", "-X", "utf8", "-c", spec["runner"]]
     start = time.monotonic()
     pid = os.fork()
@@ -222,12 +231,12 @@ def _harness_sweep(spec, pid):
         pass
 
 
-def _harness_tmpfile(workdir, data=b""):
-    """An unnamed file in the workdir (tmpfs): counted in the sample's disk and memory."""
+def _harness_tmpfile(directory, data=b""):
+    """An unnamed file in ``directory`` (a tmpfs in the sandbox: counted in its memory)."""
     try:
-        fd = os.open(workdir, os.O_TMPFILE | os.O_RDWR, 0o600)
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
     except (AttributeError, OSError):  # no O_TMPFILE: a named file, unlinked at once
-        path = os.path.join(workdir, ".harness-%d-%d" % (os.getpid(), time.monotonic_ns()))
+        path = os.path.join(directory, ".harness-%d-%d" % (os.getpid(), time.monotonic_ns()))
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         os.unlink(path)
     _harness_write_all(fd, data)
@@ -320,7 +329,7 @@ def _source(*functions: Any, imports: str, call: str) -> str:
 
 
 HARNESS_SOURCE = _source(
-    _harness_main, _harness_drop, _harness_case, _harness_exec, _harness_sweep, _harness_tmpfile,
+    _harness_main, _harness_drop, _harness_case_files, _harness_case, _harness_exec, _harness_sweep, _harness_tmpfile,
     _harness_read_all, _harness_read_capped, _harness_write_all,
     imports="ctypes, json, os, resource, signal, sys, time", call="_harness_main()")
 """Source of the harness (``python -I -S -c``)."""

@@ -157,7 +157,9 @@ def sandbox_processes() -> list[str]:
     for d in Path("/proc").glob("[0-9]*"):
         try:
             if os.readlink(d / "ns/pid") != ours:
-                found.append(f"{d.name}: {(d / 'cmdline').read_bytes()[:80]!r}")
+                state = [x for x in (d / "status").read_text().splitlines()
+                         if x.startswith(("State:", "PPid:", "Uid:"))]
+                found.append(f"{d.name}: {(d / 'cmdline').read_bytes()[:80]!r} {state}")
         except OSError:
             continue  # exited while we looked
     return found
@@ -704,7 +706,8 @@ def test_sandbox_view_identity_and_privileges(side: Side):
     assert view["ids"] == [65534, 65534, 65534, []]
     assert view["caps"] == ["0000000000000000"] * 5
     assert (view["no_new_privs"], view["seccomp"]) == ("1", "2")
-    assert set(view["root"]) <= {"sandbox", "dev", "proc", "root", "lib", "lib64", "usr", "etc"}
+    assert set(view["root"]) <= {"sandbox", "io", "dev", "proc", "root", "lib", "lib64", "usr",
+                                 "etc"}
     assert view["writable"] == {"/": False, "/dev": False, "/tmp": False, "/sandbox": True,
                                 "/etc": False}
     assert view["cwd"] == "/sandbox" and not view["site_packages"]
