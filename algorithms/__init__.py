@@ -1,3 +1,25 @@
-"""Algorithms: pure advantage/loss functions and one graph-building module per algorithm."""
-from algorithms import dapo, drgrpo, grpo, orz, ppo, reinforce_pp, rloo, vapo  # noqa: F401  (register)
-from algorithms.base import ALGORITHMS, AlgorithmConfig, get_algorithm, register_algorithm  # noqa: F401
+"""Algorithms: pure advantage/loss functions and one graph-building module per algorithm.
+
+Importing the package registers every built-in algorithm and policy objective."""
+from algorithms import (  # noqa: F401  (register)
+    cispo,
+    cov,
+    dapo,
+    drgrpo,
+    gmpo,
+    grpo,
+    gspo,
+    opd,
+    orz,
+    ppo,
+    reinforce_pp,
+    rloo,
+    sapo,
+    vapo,
+)
+from algorithms.base import (  # noqa: F401
+    ALGORITHMS,
+    AlgorithmConfig,
+    get_algorithm,
+    register_algorithm,
+)

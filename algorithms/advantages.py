@@ -142,7 +142,9 @@ def whiten(x_BR: torch.Tensor, mask_BR: torch.Tensor, *, eps: float = 1e-8, shif
            distributed: bool = True) -> torch.Tensor:
     """(x - mean) / (std + eps) over the real tokens: [B, R] float32, 0 at masked positions.
 
-    std is the population (biased) std, as in verl / OpenRLHF masked_whiten. With `distributed`
+    std is the population (biased, divide by n) std, as OpenRLHF's masked_whiten; verl's
+    masked_whiten divides by n - 1 (unbiased), so on a batch of n tokens verl's whitened values
+    are sqrt((n - 1) / n) times these (a difference that fades as n grows). With `distributed`
     and an initialised process group of world size > 1, mean and std are over every rank's
     tokens (one all-reduce of sum, sum of squares and count, in float64). shift_mean=False adds
     the mean back (scale only). No real token anywhere gives zeros; a single token gives 0.

@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Callable
 
+from algorithms.correction import RolloutCorrection
 from algorithms.losses import PolicyLoss
 from algorithms.shaping import RewardShaping
 from core.config import Slot
@@ -48,6 +49,9 @@ class PolicyGradientConfig(AlgorithmConfig):
     """Recompute the sampling policy's log-probs with the actor (False: trust the engine's)."""
     overlong_filter: bool = False
     """Drop responses cut by the length budget from the loss (DAPO)."""
+    rollout_correction: RolloutCorrection = field(default_factory=RolloutCorrection)
+    """Engine/trainer mismatch: truncated or masked IS, geometric mask (algorithms/correction.py);
+    off by default. The mismatch/* metrics are logged whenever old_logp is recomputed."""
 
 
 GraphBuilder = Callable[..., "Graph | Plan"]

@@ -8,16 +8,21 @@ from __future__ import annotations
 import torch
 
 from algorithms.base import PolicyGradientConfig
+from algorithms.correction import RolloutCorrection, correct, mismatch_metrics
 from algorithms.losses import PolicyLoss, ValueLoss
 from algorithms.shaping import RewardShaping, shape_rewards
+from core.batch import declare_field
 from core.data import PROMPT_FIELDS
-from core.graph import Node
+from core.graph import Node, Result
 
 SEQUENCE = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 """The fields a forward pass over prompt + response needs."""
 GENERATED = ("response_ids", "response_mask", "rollout_logp", "response_text", "finish_reason",
              "response_budget")
 """The fields generation adds."""
+
+declare_field("rollout_is_weights", shape="B,R",
+              doc="truncated IS weight pi_old / pi_rollout of each token (rollout correction), no gradient")
 
 
 def generate() -> Node:
@@ -75,14 +80,56 @@ def overlong_filter() -> Node:
     return Node("overlong_filter", truncation_filter, ("response_mask", "finish_reason"), ("loss_mask",))
 
 
-def update_actor(loss: PolicyLoss, *, filtered: bool = False) -> Node:
-    return Node("update_actor", "actor.update", SEQUENCE + loss.inputs() + (("loss_mask",) if filtered else ()),
+def mismatch(old_logp_BR: torch.Tensor, rollout_logp_BR: torch.Tensor, response_mask_BR: torch.Tensor) -> Result:
+    """The engine/trainer mismatch metrics (algorithms/correction.py), global over ranks."""
+    return Result(metrics=mismatch_metrics(old_logp_BR, rollout_logp_BR, response_mask_BR))
+
+
+def mismatch_node() -> Node:
+    return Node("mismatch", mismatch, ("old_logp", "rollout_logp", "response_mask"), ())
+
+
+def correct_rollout(old_logp_BR: torch.Tensor, rollout_logp_BR: torch.Tensor, response_mask_BR: torch.Tensor,
+                    finish_reason: list[str] | None = None, *, cfg: RolloutCorrection) -> Result:
+    """Rollout correction's IS weights and/or loss mask (the outputs cfg turns on, in that
+    order); with `finish_reason` the mask also applies DAPO's overlong filter."""
+    weights, keep, metrics = correct(old_logp_BR, rollout_logp_BR, response_mask_BR, cfg)
+    out: list[torch.Tensor] = [] if weights is None else [weights]
+    if keep is not None:
+        out.append(keep if finish_reason is None else truncation_filter(keep, finish_reason))
+    return Result(out[0] if len(out) == 1 else tuple(out), metrics=metrics)
+
+
+def rollout_correction(cfg: RolloutCorrection, *, overlong: bool) -> Node:
+    outputs = (("rollout_is_weights",) if cfg.is_level else ()) + (("loss_mask",) if cfg.masks else ())
+    inputs = ("old_logp", "rollout_logp", "response_mask") + (("finish_reason",) if overlong and cfg.masks else ())
+    return Node("rollout_correction", correct_rollout, inputs, outputs, kwargs={"cfg": cfg})
+
+
+def update_actor(loss: PolicyLoss, *, filtered: bool = False, extra: tuple[str, ...] = ()) -> Node:
+    return Node("update_actor", "actor.update",
+                SEQUENCE + loss.inputs() + (("loss_mask",) if filtered else ()) + extra,
                 kwargs={"loss_fn": loss})
 
 
 def policy_update(cfg: PolicyGradientConfig) -> list[Node]:
-    """The actor's update with cfg.loss, after DAPO's overlong filter when cfg asks for it."""
-    return ([overlong_filter()] if cfg.overlong_filter else []) + [update_actor(cfg.loss, filtered=cfg.overlong_filter)]
+    """The actor's update with cfg.loss, preceded by what cfg asks for: the mismatch metrics
+    (whenever old_logp is recomputed), rollout correction, DAPO's overlong filter and the
+    nodes the objective needs (Clip-Cov's token selection)."""
+    rc = cfg.rollout_correction
+    if rc.enabled and not cfg.recompute_old_logp:
+        raise ValueError("algorithm.rollout_correction compares the trainer's old log-probs with the engine's, "
+                         "but recompute_old_logp=false (bypass) makes them the same tensor: the objective's "
+                         "ratio pi / pi_rollout is then the correction; turn one of them off")
+    nodes = [mismatch_node()] if cfg.recompute_old_logp else []
+    if rc.enabled:
+        nodes.append(rollout_correction(rc, overlong=cfg.overlong_filter))
+    if cfg.overlong_filter and not rc.masks:
+        nodes.append(overlong_filter())
+    filtered = cfg.overlong_filter or rc.masks
+    nodes += cfg.loss.objective.nodes("loss_mask" if filtered else "response_mask")
+    extra = ("rollout_is_weights",) if rc.is_level else ()
+    return nodes + [update_actor(cfg.loss, filtered=filtered, extra=extra)]
 
 
 def critic_values() -> Node:
