@@ -1,18 +1,24 @@
-"""The reference policy: an FSDP2 copy of the initial actor, for KL terms.
+"""The reference policy: an FSDP2 copy of the initial actor, for KL terms, or a teacher.
 
 By default it stays fixed. As T1's *dynamic anchor* it can follow the actor: reset to it every
 `anchor_every` steps, or move toward it as an exponential moving average after every step.
 Both copy local shards (actor and reference are sharded alike), so no communication is needed.
+
+With `model_path` it serves a frozen teacher instead (on-policy distillation, algorithm `opd`):
+another model folder with the policy's tokenizer, built in the initial actor's place
+(`Config.source`).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from core.batch import Batch
-from core.models import batched_logprobs
+from core.models import ModelConfig, batched_logprobs
 
 
 class Reference:
@@ -25,8 +31,24 @@ class Reference:
         ref <- decay * ref + (1 - decay) * actor after every step."""
         anchor_every: int = 100
         ema_decay: float = 0.99
+        model_path: str | None = None
+        """A teacher: this local model folder (same tokenizer as the policy) instead of the initial
+        actor; frozen (anchor must be fixed). None: the initial actor."""
+
+        def __post_init__(self) -> None:
+            if self.model_path is not None and self.anchor != "fixed":
+                raise ValueError(f"reference.model_path (a teacher) is frozen; reference.anchor={self.anchor!r} "
+                                 f"would overwrite it with the actor: use anchor=fixed")
+
+        def source(self, policy: ModelConfig) -> ModelConfig:
+            """The model the reference is built from: `policy`, or the teacher folder in its place."""
+            return dataclasses.replace(policy, path=self.model_path) if self.model_path else policy
 
     def __init__(self, cfg: Config, model: torch.nn.Module, *, temperature: float = 1.0) -> None:
+        if cfg.model_path is not None and not _loaded_from(model, cfg.model_path):
+            raise ValueError(f"reference.model_path={cfg.model_path!r} is set, but the reference model was built "
+                             f"from {getattr(getattr(model, 'config', None), '_name_or_path', None)!r}: the builder "
+                             f"must build it from Reference.Config.source(model config)")
         self.cfg = cfg
         self.model = model.eval().requires_grad_(False)
         self.temperature = temperature
@@ -55,6 +77,12 @@ class Reference:
             assert name == other_name, (name, other_name)
             local, src = _local(mine), _local(theirs).to(_local(mine).dtype)
             local.copy_(src) if weight == 1.0 else local.lerp_(src, weight)
+
+
+def _loaded_from(model: torch.nn.Module, folder: str) -> bool:
+    """The model was loaded from `folder` (Hugging Face records it as config._name_or_path)."""
+    loaded = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return bool(loaded) and Path(str(loaded)).expanduser().resolve() == Path(folder).expanduser().resolve()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
