@@ -417,6 +417,7 @@ def objective_grads(micro_batch_size: int) -> dict:
     for name, objective in DIST_OBJECTIVES.items():
         mb = batch
         for node in objective.nodes("response_mask"):
+            assert not isinstance(node.op, str)
             mb = mb.with_fields(cov_mask=node.op(*(mb[f] for f in node.inputs), **node.kwargs).value)
         for mode in MODES:
             loss_fn = PolicyLoss(agg_mode=mode, norm_const=5.0, objective=objective)
