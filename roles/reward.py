@@ -135,11 +135,15 @@ class ScoringPool:
     """Worker processes scoring one sample each at a time, under per-sample CPU and wall limits.
 
     Forkserver workers: no copy of the trainer's threads or CUDA state. The forkserver's socket
-    lives in the trainer's /tmp, which no sandbox can see (roles/sandbox_bwrap.py). A sample's
-    wall clock starts when a worker that has finished starting up takes it, so start-up time
-    (imports) is never charged to a sample.
+    lives in the trainer's /tmp, which no sandbox can see (roles/sandbox_bwrap.py). Each worker
+    has up to PREFETCH samples sent ahead (so it does not wait for the parent between samples);
+    a sample's wall clock starts when its worker begins it: when the worker is free, or when it
+    reports the sample before. When a worker is replaced, the samples it had not begun go to
+    the others, uncharged. Start-up (imports) is never charged to a sample.
     """
 
+    PREFETCH = 8
+    """Samples sent ahead per worker while many are left (near the end: fewer, for balance)."""
     START_TIMEOUT_S = 300.0
     """How long a new worker may take to start (import the scorers) before it is replaced."""
 
@@ -154,27 +158,29 @@ class ScoringPool:
         while len(self._live) < self.workers:
             self._live.append(self._start())
         outcomes: list[float | str] = [TIMEOUT] * len(jobs)
-        todo = collections.deque(enumerate(jobs))
+        todo = collections.deque(range(len(jobs)))
         weak, failed_starts = 0, 0
-        while todo or any(w.job is not None for w in self._live):
+        while todo or any(w.sent for w in self._live):
+            ahead = min(self.PREFETCH, 1 + len(todo) // self.workers)
             for worker in self._live:
-                if worker.ready and worker.job is None and todo:
-                    worker.send(*todo.popleft())
-            waiting = [w for w in self._live if w.job is not None or not w.ready]
+                while worker.ready and len(worker.sent) < ahead and todo:
+                    index = todo.popleft()
+                    worker.send(index, jobs[index])
+            waiting = [w for w in self._live if w.sent or not w.ready]
             wait_s = min(w.deadline(self.wall_timeout_s, self.START_TIMEOUT_S)
                          for w in waiting) - time.monotonic()
             ready = set(mp.connection.wait([x for w in waiting for x in (w.conn, w.sentinel)],
                                            timeout=max(0.0, wait_s)))
             for worker in waiting:
-                done = worker.poll(ready, self.wall_timeout_s, self.START_TIMEOUT_S)
-                if done is not None:
-                    index, outcome, weak_runs = done
+                for index, outcome, weak_runs in worker.poll(ready, self.wall_timeout_s,
+                                                             self.START_TIMEOUT_S):
                     outcomes[index] = outcome
                     weak += weak_runs
                 if worker.dead:
                     failed_starts += not worker.ready
                     if failed_starts > 3 * self.workers:
                         raise RuntimeError("scoring workers die while starting; see the log")
+                    todo.extendleft(reversed(worker.sent))  # not begun: not charged
                     worker.kill()
                     self._live[self._live.index(worker)] = self._start()
         return outcomes, weak
@@ -190,17 +196,19 @@ class ScoringPool:
 
 @dataclass(slots=True)
 class _Worker:
-    """One scoring process and the sample it is on."""
+    """One scoring process and the samples sent to it."""
 
     process: Any
     conn: Any
     born: float
     ready: bool = False
     """Started up (sent its first message)."""
-    job: int | None = None
+    sent: collections.deque[int] = field(default_factory=collections.deque)
+    """Samples sent and not yet scored; the first is the one it is on."""
     started: float = 0.0
+    """When it began the first of ``sent``."""
     dead: bool = False
-    """Killed at a limit, or died: to be replaced."""
+    """Killed at a limit, or died: to be replaced (``sent`` then holds what it never began)."""
 
     @property
     def sentinel(self) -> int:
@@ -219,42 +227,51 @@ class _Worker:
         return cls(process=process, conn=conn, born=time.monotonic())
 
     def send(self, index: int, job: tuple[Scorer, str, Any]) -> None:
-        self.job, self.started = index, time.monotonic()
+        if not self.sent:
+            self.started = time.monotonic()
+        self.sent.append(index)
         self.conn.send(job)
 
     def deadline(self, wall_timeout_s: float, start_timeout_s: float) -> float:
         return self.started + wall_timeout_s if self.ready else self.born + start_timeout_s
 
     def poll(self, ready: set[Any], wall_timeout_s: float,
-             start_timeout_s: float) -> tuple[int, float | str, int] | None:
-        """(job, outcome, weak runs) once its sample is done; marks the worker dead if it is."""
-        if self.conn in ready:
+             start_timeout_s: float) -> list[tuple[int, float | str, int]]:
+        """(sample, outcome, weak runs) of what it finished; marks the worker dead if it is."""
+        done: list[tuple[int, float | str, int]] = []
+        died = False
+        while self.conn in ready and not died and self.conn.poll():
             try:
                 kind, value, weak_runs = self.conn.recv()
             except (EOFError, OSError):
-                kind, value, weak_runs = "died", None, 0
-            if kind == "ready":
-                self.ready = True
-                return None
+                died = True
+                break
             if kind == "unavailable":
                 raise SandboxUnavailable(value)
-            if kind == "ok":
-                index, self.job = self.job, None
-                return index, value, weak_runs
-        elif self.sentinel not in ready and time.monotonic() < self.deadline(
-                wall_timeout_s, start_timeout_s):
-            return None
+            if kind == "ready":
+                self.ready = True
+            elif kind == "ok":
+                done.append((self.sent.popleft(), value, weak_runs))
+                self.started = time.monotonic()  # it goes on with the next one sent
+        died = died or self.sentinel in ready and not self.conn.poll()
+        expired = (bool(self.sent) or not self.ready) and time.monotonic() >= self.deadline(
+            wall_timeout_s, start_timeout_s)
+        if not (died or expired):
+            return done
         self.dead = True
         if not self.ready:
             logger.error("scoring worker %d did not start", self.process.pid)
-            return None
-        if self.sentinel in ready or self.conn in ready:
+        elif died and self.sent:
             logger.error("scoring worker %d died while scoring a sample; reward 0",
                          self.process.pid)
-            return self.job, ERROR, 0
-        logger.warning("a sample ran past its %.0f s wall-clock limit: replacing its scoring "
-                       "worker %d", wall_timeout_s, self.process.pid)
-        return self.job, TIMEOUT, 0
+            done.append((self.sent.popleft(), ERROR, 0))
+        elif died:
+            logger.error("scoring worker %d died between samples", self.process.pid)
+        else:
+            logger.warning("a sample ran past its %.0f s wall-clock limit: replacing its "
+                           "scoring worker %d", wall_timeout_s, self.process.pid)
+            done.append((self.sent.popleft(), TIMEOUT, 0))
+        return done
 
     def kill(self) -> None:
         """SIGKILL the worker (its sandboxes die with it) and remove its sandboxes' cgroups."""
