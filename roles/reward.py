@@ -155,6 +155,13 @@ class ScoringPool:
 
     def map(self, jobs: list[tuple[Scorer, str, Any]]) -> tuple[list[float | str], int]:
         """Outcomes in job order, and how many samples ran in the sandbox's weak mode."""
+        try:
+            return self._map(jobs)
+        except BaseException:  # SandboxUnavailable, Ctrl-C: no worker left mid-sample
+            self.close()
+            raise
+
+    def _map(self, jobs: list[tuple[Scorer, str, Any]]) -> tuple[list[float | str], int]:
         while len(self._live) < self.workers:
             self._live.append(self._start())
         outcomes: list[float | str] = [TIMEOUT] * len(jobs)

@@ -61,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 STRONG, WEAK = "bwrap", "weak"
 _FALLBACK_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3")  # weak mode, as root
+MIN_BWRAP = (0, 8, 0)
+"""Oldest bubblewrap with everything used here (--size 0.7.0, --disable-userns 0.8.0)."""
 _OWN_PROCESSES = 3  # bwrap, its PID-1 reaper and the harness, besides the program's own
 _weak_samples = 0
 
@@ -211,12 +213,25 @@ def _static_problem(bwrap: str, python: str) -> str | None:
     """What is missing for the bubblewrap sandbox, short of running it (None: nothing)."""
     if shutil.which(bwrap) is None:
         return f"bubblewrap ({bwrap!r}) is not installed"
+    if (version := _bwrap_version(bwrap)) < MIN_BWRAP:
+        return (f"bubblewrap {'.'.join(map(str, version))} is too old: "
+                f"{'.'.join(map(str, MIN_BWRAP))} or newer is needed (--size, --disable-userns)")
     try:
         seccomp_filter()
         runtime(python)
     except (ValueError, SandboxUnavailable) as e:
         return str(e)
     return None
+
+
+def _bwrap_version(bwrap: str) -> tuple[int, ...]:
+    """From ``bwrap --version`` ("bubblewrap 0.8.0"); (0,) if it cannot be read."""
+    try:
+        out = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=30,
+                             check=False).stdout.split()
+        return tuple(int(x) for x in out[-1].split("."))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return (0,)
 
 
 def _trial(cfg: SandboxConfig) -> None:

@@ -136,6 +136,8 @@ def cgroups() -> Cgroups | None:
                        "sample's user namespace", e)
         return None
     atexit.register(_remove_parents, hierarchy)
+    if removed := _remove_orphans(hierarchy, owner=None):  # left by processes killed earlier
+        logger.info("sandbox: removed the cgroups of %d scoring processes that are gone", removed)
     logger.info("sandbox: per-sample memory and pids limits through cgroup v%d (%s)",
                 hierarchy.version, hierarchy.memory_parent)
     return hierarchy
@@ -146,9 +148,11 @@ def remove_orphans(*, owner: int | None = None) -> int:
     ``owner``, about to be). Returns how many parents were removed. The scoring pool calls it
     when it kills a worker: the worker's sandboxes die with it, its cgroups would stay."""
     hierarchy = cgroups()
-    if hierarchy is None:
-        return 0
-    removed = 0
+    return 0 if hierarchy is None else _remove_orphans(hierarchy, owner=owner)
+
+
+def _remove_orphans(hierarchy: Cgroups, *, owner: int | None) -> int:
+    removed = set()
     for parent_dir in {hierarchy.memory_parent.parent, hierarchy.pids_parent.parent}:
         for d in parent_dir.glob(PREFIX + "*"):
             pid_text, _, start = d.name[len(PREFIX):].partition(".")
@@ -157,8 +161,8 @@ def remove_orphans(*, owner: int | None = None) -> int:
             if int(pid_text) != owner and _owner_tag(int(pid_text)) == f"{pid_text}.{start}":
                 continue  # its owner is alive: in use
             _remove_parent(hierarchy, d)
-            removed += 1
-    return removed
+            removed.add(d.name)
+    return len(removed)
 
 
 def _remove_parents(hierarchy: Cgroups) -> None:

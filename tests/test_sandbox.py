@@ -232,6 +232,31 @@ def test_refusal_names_the_missing_piece():
         run_python("print(1)", cfg=SandboxConfig(python="no-such-python"))
 
 
+def test_refuses_a_bubblewrap_too_old(tmp_path):
+    old = tmp_path / "bwrap"
+    old.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "bubblewrap 0.6.1" && exit 0\n'
+                   'exec bwrap "$@"\n')
+    old.chmod(0o755)
+    with pytest.raises(SandboxUnavailable, match="bubblewrap 0.6.1 is too old: 0.8.0 or newer"):
+        isolation(SandboxConfig(bwrap=str(old)))
+
+
+@pytest.mark.skipif(sandbox_cgroup.cgroups() is None, reason="needs usable cgroups (root)")
+def test_cgroups_of_dead_scoring_processes_are_removed():
+    hierarchy = sandbox_cgroup.cgroups()
+    orphans = [parent.parent / f"{sandbox_cgroup.PREFIX}999999999.1" for parent in
+               {hierarchy.memory_parent, hierarchy.pids_parent}]
+    for orphan in orphans:  # a parent left by a process that no longer exists
+        (orphan / "7").mkdir(parents=True)
+    live = sandbox_cgroup.create(hierarchy, memory_bytes=64 << 20, max_processes=4)
+    try:
+        assert sandbox_cgroup.remove_orphans() == 1
+        assert not any(o.exists() for o in orphans)
+        assert all(Path(f).exists() for f in live.procs_files)  # ours: its owner is alive
+    finally:
+        live.remove()
+
+
 def make_deep_tree(top: Path, depth: int = 3000) -> Path:
     """A tree deeper than PATH_MAX, with 000 directories, symlinks, a fifo; returns a file
     outside it that a symlink inside points to (it must survive removal)."""
