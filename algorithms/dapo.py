@@ -95,14 +95,26 @@ def dynamic_sample(batch: Batch, *, rollout: Any, reward: Any, prompts: Any, max
 
 def _rebalance(kept: Batch, spare: Batch, *, groups_per_rank: int, n: int) -> tuple[Batch, int]:
     """Every rank's informative groups, in rank order, then uniform ones if too few; rank r
-    takes groups [r * groups_per_rank, (r + 1) * groups_per_rank)."""
+    takes groups [r * groups_per_rank, (r + 1) * groups_per_rank) of that order. Only the groups
+    that change rank travel (one gather of their batches); the rest stay where they are."""
     info = dist.info()
-    everyone = Batch.concat([*dist.all_gather_objects(kept), *dist.all_gather_objects(spare)])
-    n_kept = int(dist.all_reduce_scalars({"k": float(len(kept))})["k"]) // n
-    start = info.rank * groups_per_rank * n
-    mine = everyone.select(range(start, start + groups_per_rank * n))
+    counts = dist.all_gather_objects((len(kept) // n, len(spare) // n))
+    order = ([(r, "kept", i) for r, (k, _) in enumerate(counts) for i in range(k)]
+             + [(r, "spare", i) for r, (_, u) in enumerate(counts) for i in range(u)])
+    slots = order[:groups_per_rank * info.world_size]
+    home = {item: pos // groups_per_rank for pos, item in enumerate(slots)}
+    local = {"kept": kept, "spare": spare}
+
+    def group(item: tuple[int, str, int]) -> Batch:
+        return local[item[1]].select(range(item[2] * n, (item[2] + 1) * n))
+
+    leaving = [(item, group(item)) for item in slots if item[0] == info.rank and home[item] != info.rank]
+    arrived = {item: b for part in dist.all_gather_objects(leaving) for item, b in part if home[item] == info.rank}
+    mine = Batch.concat([group(item) if item[0] == info.rank else arrived[item]
+                         for item in slots[info.rank * groups_per_rank:(info.rank + 1) * groups_per_rank]])
     # Groups from several rounds and ranks: renumber so ids are unique within the rank.
     ids = torch.arange(groups_per_rank).repeat_interleave(n) + info.rank * groups_per_rank
+    n_kept = sum(k for k, _ in counts)
     filled = max(0, groups_per_rank * info.world_size - n_kept)
     return mine.with_fields(group_ids=ids), filled
 

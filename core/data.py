@@ -40,9 +40,10 @@ class PromptRow:
 
 class PromptDataset(Dataset):
     """Rows with their prompt token ids; prompts longer than max_prompt_len are dropped (and
-    counted, since a silent filter hides data problems)."""
+    counted, since a silent filter hides data problems), or with drop_long=False an error."""
 
-    def __init__(self, rows: Sequence[PromptRow], tokenizer, *, max_prompt_len: int) -> None:
+    def __init__(self, rows: Sequence[PromptRow], tokenizer, *, max_prompt_len: int,
+                 drop_long: bool = True) -> None:
         self.rows: list[PromptRow] = []
         self.ids: list[list[int]] = []
         encoded = tokenizer([r.prompt for r in rows], add_special_tokens=False)["input_ids"] if rows else []
@@ -50,6 +51,9 @@ class PromptDataset(Dataset):
             if len(ids) <= max_prompt_len:
                 self.rows.append(row)
                 self.ids.append(ids)
+            elif not drop_long:
+                raise ValueError(f"a prompt of {len(ids)} tokens exceeds data.max_prompt_len={max_prompt_len} "
+                                 f"(evaluation never drops problems; raise it): {row.prompt[:80]!r}")
         self.dropped = len(rows) - len(self.rows)
         if self.dropped:
             logger.warning("dropped %d of %d prompts longer than %d tokens",

@@ -16,8 +16,9 @@ changes the number of samples); or a `Result` wrapping any of these plus metrics
 
 Before step 1, `validate` checks that every input is produced upstream or by the data loader,
 every output is a declared batch field produced by one node only, and there is no cycle; only
-roles some node uses get built (`Graph.roles`). `order` is topological and groups nodes by
-phase (generate / train) so the device switches as rarely as possible.
+roles some node uses get built (`Graph.roles`). Each role class declares the phase it needs
+(`phase = Phase.TRAIN`); once the graph is bound to the built roles, `order` is topological and
+groups nodes by phase (generate / train) so the device switches as rarely as possible.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import enum
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Protocol, Sequence
 
 from core.batch import FIELDS, Batch
 
@@ -36,8 +37,13 @@ class Phase(str, enum.Enum):
     ANY = "any"
 
 
-ROLE_PHASES = {"rollout": Phase.GENERATE, "actor": Phase.TRAIN, "critic": Phase.TRAIN,
-               "reference": Phase.TRAIN, "reward": Phase.ANY}
+class Role(Protocol):
+    """A role object a graph binds: it declares the device phase its operations need."""
+    phase: ClassVar[Phase]
+
+
+PROMPTS = "prompts"
+"""The one bound object that is not a role: the prompt stream (for composite nodes, `needs`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +87,9 @@ class Node:
         return self.op.split(".", 1)[0] if isinstance(self.op, str) else None
 
     @property
-    def phase(self) -> Phase:
-        if self.phase_override is not None:
-            return self.phase_override
-        for name in ((self.role,) if self.role else self.needs):
-            if ROLE_PHASES.get(name, Phase.ANY) is not Phase.ANY:
-                return ROLE_PHASES[name]
-        return Phase.ANY
+    def role_names(self) -> tuple[str, ...]:
+        """The roles this node calls: its op's role, else the roles among `needs`."""
+        return (self.role,) if self.role else tuple(r for r in self.needs if r != PROMPTS)
 
     @property
     def op_name(self) -> str:
@@ -103,6 +105,7 @@ class Graph:
         self.name = name
         self.nodes = list(nodes)
         self._bound: dict[str, Callable[..., Any]] = {}
+        self._phases: dict[str, Phase] = {}
         names = [n.name for n in self.nodes]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -113,8 +116,14 @@ class Graph:
 
     def roles(self) -> set[str]:
         """The roles some node uses: the only ones the launcher builds."""
-        used = {n.role for n in self.nodes if n.role}
-        return used | {r for n in self.nodes for r in n.needs if r in ROLE_PHASES}
+        return {r for n in self.nodes for r in n.role_names}
+
+    def phase(self, node: Node) -> Phase:
+        """The node's phase: its override, else the first of its roles' that is not ANY (known
+        once the graph is bound; ANY before)."""
+        if node.phase_override is not None:
+            return node.phase_override
+        return self._phases.get(node.name, Phase.ANY)
 
     def validate(self, sources: Iterable[str]) -> None:
         """Raise GraphError unless every input is available when its node runs."""
@@ -157,10 +166,10 @@ class Graph:
             if not ready:
                 raise GraphError(f"graph {self.name!r} has a cycle among "
                                  f"{[n.name for n in pending]}")
-            same = [n for n in ready if n.phase in (phase, Phase.ANY)]
+            same = [n for n in ready if self.phase(n) in (phase, Phase.ANY)]
             node = same[0] if same else ready[0]
-            if node.phase is not Phase.ANY:
-                phase = node.phase
+            if self.phase(node) is not Phase.ANY:
+                phase = self.phase(node)
             ordered.append(node)
             done.add(node.name)
             pending.remove(node)
@@ -169,7 +178,8 @@ class Graph:
         return ordered
 
     def bind(self, roles: Mapping[str, Any]) -> Graph:
-        """Resolve "role.method" ops against built role objects."""
+        """Resolve "role.method" ops against built role objects (and "prompts"), and take each
+        node's phase from its roles."""
         for node in self.nodes:
             if isinstance(node.op, str):
                 role, method = node.op.split(".", 1)
@@ -184,6 +194,7 @@ class Graph:
                 if missing:
                     raise GraphError(f"node {node.name!r} needs {missing}, which were not built")
                 self._bound[node.name] = functools.partial(node.op, **{r: roles[r] for r in node.needs})
+            self._phases[node.name] = _first_phase([_phase_of(r, roles[r]) for r in node.role_names])
         return self
 
     def run(self, batch: Batch, *, order: Sequence[Node],
@@ -191,8 +202,8 @@ class Graph:
         """One step: every node in `order`, switching phase through `enter_phase`."""
         step = StepMetrics()
         for node in order:
-            if node.phase is not Phase.ANY:
-                step.metrics.update(enter_phase(node.phase))
+            if self.phase(node) is not Phase.ANY:
+                step.metrics.update(enter_phase(self.phase(node)))
             t0 = time.perf_counter()
             out = self._call(node, batch)
             step.metrics[f"timing_s/{node.name}"] = time.perf_counter() - t0
@@ -212,7 +223,7 @@ class Graph:
     def to_text(self, sources: Iterable[str] = ()) -> str:
         lines = [f"graph {self.name}:"]
         for node in self.order(sources):
-            lines.append(f"  [{node.phase.value:8s}] {node.name:14s} {node.op_name:22s} "
+            lines.append(f"  [{self.phase(node).value:8s}] {node.name:14s} {node.op_name:22s} "
                          f"{', '.join(node.inputs) or '-'} -> {', '.join(node.outputs) or '-'}")
         return "\n".join(lines)
 
@@ -221,7 +232,7 @@ class Graph:
         producer = {o: n.name for n in self.nodes for o in n.outputs}
         lines = ["flowchart TD", '  data[("data loader")]']
         for node in self.nodes:
-            lines.append(f'  {node.name}["{node.name}<br/>{node.op_name}<br/>({node.phase.value})"]')
+            lines.append(f'  {node.name}["{node.name}<br/>{node.op_name}<br/>({self.phase(node).value})"]')
         names = {n.name for n in self.nodes}
         for node in self.nodes:
             for a in node.after:
@@ -232,6 +243,21 @@ class Graph:
                 if src:
                     lines.append(f"  {src} -->|{inp}| {node.name}")
         return "\n".join(lines)
+
+
+def _phase_of(name: str, role: Role) -> Phase:
+    try:
+        phase = role.phase
+    except AttributeError:
+        phase = None
+    if not isinstance(phase, Phase):
+        raise GraphError(f"role {name!r} ({type(role).__name__}) does not declare its phase "
+                         f"(a class attribute `phase = Phase.TRAIN`, GENERATE or ANY)")
+    return phase
+
+
+def _first_phase(phases: Sequence[Phase]) -> Phase:
+    return next((p for p in phases if p is not Phase.ANY), Phase.ANY)
 
 
 def _merge(node: Node, batch: Batch, out: Any) -> Batch:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Iterable, Iterator, Protocol
 
 import torch
 
 from core.graph import Phase
+from core.offload import MemoryHandoff
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,37 @@ class HybridConfig:
     """On CUDA: the sharded parameters go to CPU during generation too."""
 
 
+class WeightSource(Protocol):
+    """The trained policy (roles.actor.Actor): its version and its full weights in buckets."""
+
+    @property
+    def version(self) -> int: ...
+
+    def export_weights(self, *, bucket_bytes: int, dtype: torch.dtype | None = None
+                       ) -> Iterator[list[tuple[str, torch.Tensor]]]: ...
+
+
+class WeightSink(Protocol):
+    """The generating side (roles.rollout.Rollout): takes weights, sleeps and wakes."""
+
+    @property
+    def needs_full_sync(self) -> bool: ...
+
+    def begin_weight_update(self) -> None: ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int: ...
+
+    def end_weight_update(self) -> None: ...
+
+    def sleep(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+
 class HybridEngine:
-    def __init__(self, cfg: HybridConfig, *, actor: Any, rollout: Any, engine_dtype: torch.dtype,
-                 device: torch.device, handoff: Any = None) -> None:
+    def __init__(self, cfg: HybridConfig, *, actor: WeightSource, rollout: WeightSink,
+                 engine_dtype: torch.dtype, device: torch.device,
+                 handoff: MemoryHandoff | None = None) -> None:
         self.cfg = cfg
         self.actor = actor
         self.rollout = rollout
@@ -54,7 +83,7 @@ class HybridEngine:
         if phase is Phase.GENERATE:
             if self.handoff is not None:  # optimizer states leave first ...
                 metrics.update(self.handoff.to_generate(params=False))
-            metrics.update(self.sync_weights(force=bool(getattr(self.rollout, "needs_full_sync", False))))
+            metrics.update(self.sync_weights(force=self.rollout.needs_full_sync))
             if self.handoff is not None:  # ... parameters only after the sync has gathered them
                 metrics.update(self.handoff.to_generate(params=True))
             self.rollout.wake()
@@ -72,13 +101,13 @@ class HybridEngine:
             return {}
         t0 = time.perf_counter()
         received, buckets = 0, 0
-        getattr(self.rollout, "begin_weight_update", _nothing)()
+        self.rollout.begin_weight_update()
         for bucket in self.actor.export_weights(bucket_bytes=int(self.cfg.bucket_mb * 2**20),
                                                 dtype=self.engine_dtype):
             received += self.rollout.load_weights(bucket)
             buckets += 1
             del bucket  # free the gathered copies before the next all-gather
-        getattr(self.rollout, "end_weight_update", _nothing)()
+        self.rollout.end_weight_update()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()  # the buckets' blocks go back before the engine's KV cache
@@ -99,6 +128,3 @@ class HybridEngine:
         torch.cuda.reset_peak_memory_stats(self.device)
         return out
 
-
-def _nothing() -> None:
-    pass

@@ -9,8 +9,8 @@ On a CPU device there is nothing to free: the hand-off is a no-op and logs nothi
 code itself is device-agnostic and tested on CPU (tests/test_offload.py).
 
 Allocator: `expandable_segments:True` in PYTORCH_CUDA_ALLOC_CONF is incompatible with SGLang's
-memory saver (torch_memory_saver); `check_allocator_conf` removes it with a warning before
-CUDA initialises.
+memory saver (torch_memory_saver); the sglang engine's config calls
+`disable_expandable_segments` before CUDA initialises.
 """
 from __future__ import annotations
 
@@ -109,13 +109,11 @@ class MemoryHandoff:
         return out
 
 
-def check_allocator_conf(engine: str) -> None:
-    """Drop expandable_segments from PYTORCH_CUDA_ALLOC_CONF when the sglang engine (memory
-    saver) is used; call before CUDA initialises."""
+def disable_expandable_segments(reason: str) -> None:
+    """Drop expandable_segments:True from PYTORCH_CUDA_ALLOC_CONF (call before CUDA initialises)."""
     conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
-    if engine != "sglang" or "expandable_segments:True" not in conf:
+    if "expandable_segments:True" not in conf:
         return
     kept = ",".join(p for p in conf.split(",") if p.strip() != "expandable_segments:True")
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = kept
-    logger.warning("PYTORCH_CUDA_ALLOC_CONF: dropped expandable_segments:True (incompatible with "
-                   "SGLang's memory saver); now %r", kept)
+    logger.warning("PYTORCH_CUDA_ALLOC_CONF: dropped expandable_segments:True (%s); now %r", reason, kept)

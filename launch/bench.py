@@ -140,7 +140,7 @@ def bench(cfg: BenchConfig) -> dict[str, float]:
     info = dist.info()
     job = build_job(cfg)
     trainer = Trainer(job)
-    actor = job.roles["actor"]
+    actor = job.roles.actor
     n_params = sum(p.numel() for p in actor.model.parameters())
     job.hybrid.sync_weights(force=True)
     rows = []
@@ -187,7 +187,7 @@ def compare_sync(model: torch.nn.Module, cfg: BenchConfig, device: torch.device)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    return run_entry(BenchConfig, bench, argv)
+    return run_entry(BenchConfig, bench, argv, before_init=lambda cfg: cfg.rollout.engine.prepare_process())
 
 
 if __name__ == "__main__":

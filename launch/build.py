@@ -1,8 +1,9 @@
 """Placement: build the graph, then only the roles it uses, on this process's device.
 
 Every process builds every role the graph names (SPMD); the actor and reference are FSDP2-sharded
-over all processes, the rollout engine holds a full copy, and the hybrid engine switches the
-device between them. This is the one place that decides where things live.
+over all processes, the rollout engine holds a full copy (or SGLang loads model.path), and the
+hybrid engine switches the device between them. This is the one place that decides where things
+live; `build_policy` is the one way a trained policy is made (RL and SFT).
 """
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ import algorithms  # noqa: F401  (registers the built-in algorithms)
 from algorithms.base import get_algorithm
 from core import dist
 from core.curriculum import CurriculumStream, difficulty_levels, length_levels
-from core.data import PROMPT_FIELDS, PromptDataset, PromptStream, collate_prompts, read_prompts
-from core.graph import Graph, Plan, as_plan
+from core.data import PROMPT_FIELDS, PromptDataset, PromptStream, read_prompts
+from core.graph import PROMPTS, Graph, Plan, as_plan
 from core.hybrid import HybridEngine
-from core.offload import MemoryHandoff
+from core.lora import LoraConfig, apply_lora
 from core.models import ModelConfig, build_model, dtype_of, load_tokenizer, shard_model
-from core.tasks import Task, build_task, char_tokenizer
+from core.offload import MemoryHandoff
 from launch.config import JobConfig
+from launch.evaluate import probe_pass_rates
+from launch.tasks import Task, build_task, char_tokenizer
 from roles.actor import Actor
 from roles.critic import Critic, ValueModel
 from roles.reference import Reference
@@ -34,12 +37,30 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class Roles:
+    """The built roles of a job; the reference and the critic only when the graph uses them."""
+    actor: Actor
+    rollout: Rollout
+    reward: Reward
+    reference: Reference | None = None
+    critic: Critic | None = None
+
+    def named(self) -> dict[str, Any]:
+        """Role name -> role, for the built ones (what a graph binds)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    @property
+    def trained(self) -> list[Actor | Critic]:
+        return [r for r in (self.actor, self.critic) if r is not None]
+
+
+@dataclass
 class Job:
     cfg: JobConfig
     tokenizer: Any
     task: Task
     plan: Plan
-    roles: dict[str, Any]
+    roles: Roles
     hybrid: HybridEngine
     stream: PromptStream | CurriculumStream
 
@@ -73,43 +94,40 @@ def build_job(cfg: JobConfig) -> Job:
                          world_size=info.world_size, seed=cfg.run.seed, pad_id=tokenizer.pad_token_id,
                          shuffle=cfg.data.shuffle)
     roles = build_roles(cfg, plan.roles(), tokenizer)
-    trained = [r for r in (roles["actor"], roles.get("critic")) if r is not None]
-    handoff = MemoryHandoff(optimizers=[r.train_state.optimizer for r in trained], modules=[r.model for r in trained],
-                            device=info.device, offload_optimizer=cfg.hybrid.offload_optimizer,
-                            offload_params=cfg.hybrid.offload_params)
-    hybrid = HybridEngine(cfg.hybrid, actor=roles["actor"], rollout=roles["rollout"],
+    handoff = MemoryHandoff(optimizers=[r.train_state.optimizer for r in roles.trained],
+                            modules=[r.model for r in roles.trained], device=info.device,
+                            offload_optimizer=cfg.hybrid.offload_optimizer, offload_params=cfg.hybrid.offload_params)
+    hybrid = HybridEngine(cfg.hybrid, actor=roles.actor, rollout=roles.rollout,
                           engine_dtype=dtype_of(cfg.rollout.dtype), device=info.device, handoff=handoff)
     cur = cfg.data.curriculum
     if cur.kind == "none":
         stream: PromptStream | CurriculumStream = PromptStream(dataset, **stream_kwargs)
+    elif cur.kind == "length":
+        stream = CurriculumStream(cur, dataset, length_levels(dataset, cur.stages, cumulative=cur.cumulative),
+                                  **stream_kwargs)
     else:
-        levels = (length_levels(dataset, cur.stages, cumulative=cur.cumulative) if cur.kind == "length"
-                  else difficulty_levels(probe_pass_rates(cfg, dataset, roles, hybrid), cur.stages))
-        stream = CurriculumStream(cur, dataset, levels, **stream_kwargs)
+        hybrid.sync_weights(force=True)
+        rates = probe_pass_rates(dataset, rollout=roles.rollout, reward=roles.reward, tokenizer=tokenizer,
+                                 n=cur.probe_n, batch_size=cfg.eval.batch_size,
+                                 max_prompt_len=cfg.data.max_prompt_len, seed=cfg.run.seed)
+        stream = CurriculumStream(cur, dataset, difficulty_levels(rates, cur.stages), **stream_kwargs)
     for graph in plan.graphs():
-        graph.bind({**roles, "prompts": stream})
+        graph.bind({**roles.named(), PROMPTS: stream})
     return Job(cfg, tokenizer, task, plan, roles, hybrid, stream)
 
 
-def probe_pass_rates(cfg: JobConfig, dataset: PromptDataset, roles: dict[str, Any],
-                     hybrid: HybridEngine) -> list[float]:
-    """The initial policy's pass rate on each prompt, from curriculum.probe_n samples (each rank
-    probes its share; seeded, so a resumed run probes identically). -1 marks unprobed prompts."""
-    info = dist.info()
-    hybrid.sync_weights(force=True)
-    n, rollout = cfg.data.curriculum.probe_n, roles["rollout"]
-    mine = list(range(info.rank, len(dataset), info.world_size))
-    rates: dict[int, float] = {}
-    for start in range(0, len(mine), cfg.eval.batch_size):
-        chunk = mine[start:start + cfg.eval.batch_size]
-        prompts = collate_prompts([dataset[i] for i in chunk], pad_id=rollout.tokenizer.pad_token_id)
-        out = rollout.generate(prompts.to(info.device), rollout.sampling(n=n, seed=cfg.run.seed + start))
-        scores = roles["reward"].score(out).value.reshape(len(chunk), n).mean(-1)
-        rates.update(zip(chunk, scores.tolist()))
-    merged = {k: v for part in dist.all_gather_objects(rates) for k, v in part.items()}
-    logger.info("difficulty probe: %d prompts x %d samples; %d with 0 < pass rate < 1", len(merged), n,
-                sum(0 < p < 1 for p in merged.values()))
-    return [merged.get(i, -1.0) for i in range(len(dataset))]
+def build_policy(model: ModelConfig, *, vocab: int, seed: int, param_dtype: str,
+                 lora: LoraConfig | None = None) -> torch.nn.Module:
+    """A trained (or reference) policy: the model, LoRA adapters if asked, FSDP2 over every
+    process, on this process's device. Seeded: every rank builds identical weights."""
+    module = build_model(model, vocab_size=vocab, seed=seed)
+    if lora is not None and lora.enabled:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = apply_lora(module, lora)
+    dtype = dtype_of(param_dtype)
+    module = shard_model(module, dist.mesh(), param_dtype=None if dtype == torch.float32 else dtype)
+    return module.to(dist.info().device)
 
 
 def value_model(cfg: JobConfig, vocab: int) -> ValueModel:
@@ -122,7 +140,7 @@ def value_model(cfg: JobConfig, vocab: int) -> ValueModel:
     return model.to(dist.info().device)
 
 
-def load_prompts(cfg: JobConfig, tokenizer) -> Task:
+def load_prompts(cfg: JobConfig, tokenizer: Any) -> Task:
     """Training and held-out rows: from JSONL files when given, else the built-in task."""
     task = build_task(cfg.data.task) if not (cfg.data.train_files and cfg.data.eval_files) else None
     train = ([r for f in cfg.data.train_files for r in read_prompts(f, cfg.data.format, tokenizer)]
@@ -132,42 +150,35 @@ def load_prompts(cfg: JobConfig, tokenizer) -> Task:
     return Task(cfg=cfg.data.task, train=train, eval=held_out)
 
 
-def engine_model(model: ModelConfig, rollout: Rollout.Config, vocab: int, seed: int):
-    """The rollout engine's own copy of the policy; None for sglang, which loads model.path."""
-    if rollout.engine == "sglang":
-        return None
-    return build_model(model, vocab_size=vocab, seed=seed)
-
-
-def build_roles(cfg: JobConfig, used: set[str], tokenizer) -> dict[str, Any]:
-    """The actor, rollout and reward always (training, syncing, evaluating need them); the
-    reference and any other role only when a node uses it."""
+def build_rollout(rollout: Rollout.Config, model: ModelConfig, *, vocab: int, tokenizer: Any,
+                  seed: int) -> Rollout:
+    """The rollout role; its engine builds its own copy of the policy if it needs one."""
     info = dist.info()
-    known = {"actor", "rollout", "reward", "reference", "critic"}
+    return Rollout.build(rollout, policy=lambda: build_model(model, vocab_size=vocab, seed=seed),
+                         tokenizer=tokenizer, device=info.device, seed=seed, rank=info.rank,
+                         dtype=dtype_of(rollout.dtype), model_path=model.path)
+
+
+def build_roles(cfg: JobConfig, used: set[str], tokenizer: Any) -> Roles:
+    """The actor, rollout and reward always (training, syncing, evaluating need them); the
+    reference and the critic only when a node uses them."""
+    known = {f.name for f in dataclasses.fields(Roles)}
     if used - known:
         raise ValueError(f"the graph uses roles {sorted(used - known)}, which this build cannot "
                          f"place (known: {sorted(known)})")
     # Sampling temperature 0 (greedy) trains on the untempered distribution.
     temperature = cfg.rollout.temperature or 1.0
     vocab = len(tokenizer)
-    param_dtype = dtype_of(cfg.actor.param_dtype)
 
     def policy() -> torch.nn.Module:
-        model = build_model(cfg.model, vocab_size=vocab, seed=cfg.run.seed)
-        model = shard_model(model, dist.mesh(), param_dtype=None if param_dtype == torch.float32
-                            else param_dtype)
-        return model.to(info.device)
+        return build_policy(cfg.model, vocab=vocab, seed=cfg.run.seed, param_dtype=cfg.actor.param_dtype)
 
-    roles: dict[str, Any] = {
-        "actor": Actor(cfg.actor, policy(), total_steps=cfg.run.steps, temperature=temperature),
-        "rollout": Rollout.build(cfg.rollout, engine_model(cfg.model, cfg.rollout, vocab, cfg.run.seed),
-                                 tokenizer, device=info.device, seed=cfg.run.seed, rank=info.rank,
-                                 dtype=dtype_of(cfg.rollout.dtype), model_path=cfg.model.path),
-        "reward": Reward(cfg.reward, device=info.device),
-    }
+    roles = Roles(actor=Actor(cfg.actor, policy(), total_steps=cfg.run.steps, temperature=temperature),
+                  rollout=build_rollout(cfg.rollout, cfg.model, vocab=vocab, tokenizer=tokenizer, seed=cfg.run.seed),
+                  reward=Reward(cfg.reward, device=dist.info().device))
     if "reference" in used:
-        roles["reference"] = Reference(cfg.reference, policy(), temperature=temperature)
+        roles.reference = Reference(cfg.reference, policy(), temperature=temperature)
     if "critic" in used:
-        roles["critic"] = Critic(cfg.critic, value_model(cfg, vocab), total_steps=cfg.run.steps)
-    logger.info("built roles: %s", ", ".join(sorted(roles)))
+        roles.critic = Critic(cfg.critic, value_model(cfg, vocab), total_steps=cfg.run.steps)
+    logger.info("built roles: %s", ", ".join(sorted(roles.named())))
     return roles

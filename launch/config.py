@@ -17,7 +17,7 @@ from core.data import PromptFormat
 from core.hybrid import HybridConfig
 from core.tracking import TrackingConfig
 from core.models import ModelConfig
-from core.tasks import TaskConfig
+from launch.tasks import TaskConfig
 from roles.actor import Actor
 from roles.critic import Critic
 from roles.reference import Reference

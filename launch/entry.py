@@ -9,24 +9,24 @@ import torch
 
 from core import dist
 from core.config import load_config, parse_cli, to_yaml
-from core.offload import check_allocator_conf
 
 C = TypeVar("C")
 R = TypeVar("R")
 logger = logging.getLogger("launch")
 
 
-def run_entry(schema: type[C], body: Callable[[C], R], argv: Sequence[str] | None = None) -> R:
-    """Load `schema` from `--config PATH key=value ...`, start logging and the process group,
+def run_entry(schema: type[C], body: Callable[[C], R], argv: Sequence[str] | None = None, *,
+              before_init: Callable[[C], None] | None = None) -> R:
+    """Load `schema` from `--config PATH key=value ...`, start logging, run `before_init(cfg)`
+    (before CUDA initialises: e.g. the engine's allocator settings), start the process group,
     print the resolved config, run `body(cfg)`, and always destroy the process group.
 
     The schema must have a `run` section with `device`, `seed` and `log_level`."""
     path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(schema, path, overrides)
     dist.setup_logging(getattr(logging, cfg.run.log_level))
-    rollout = getattr(cfg, "rollout", None)
-    if rollout is not None:  # before CUDA initialises
-        check_allocator_conf(rollout.engine)
+    if before_init is not None:
+        before_init(cfg)
     dist.init_distributed(device=cfg.run.device)
     try:
         torch.manual_seed(cfg.run.seed)

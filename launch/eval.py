@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from core import dist
-from core.benchmark import Sample, run_benchmark, sampling_overrides, summarize
 from core.checkpoint import Checkpointer
 from core.config import flatten
 from core.data import read_prompts
@@ -24,6 +23,7 @@ from core.tracking import Tracker
 from launch.build import Job, build_job
 from launch.config import JobConfig
 from launch.entry import run_entry
+from launch.evaluate import Sample, run_benchmark, sampling_overrides, summarize
 from launch.state import sharded_state
 from roles.scorers import extract_answer
 
@@ -48,7 +48,7 @@ def run_benchmarks(job: Job) -> tuple[list[Sample], dict[str, dict[str, float]]]
     for name in ev.benchmarks:
         path = benchmark_path(name)
         rows = read_prompts(path, cfg.data.format, job.tokenizer)
-        samples += run_benchmark(Path(name).stem, rows, rollout=job.roles["rollout"], reward=job.roles["reward"],
+        samples += run_benchmark(Path(name).stem, rows, rollout=job.roles.rollout, reward=job.roles.reward,
                                  tokenizer=job.tokenizer, fmt=cfg.data.format, n=ev.n, rounds=ev.rounds,
                                  batch_size=ev.batch_size, max_prompt_len=cfg.data.max_prompt_len,
                                  sampling_overrides=overrides, extract=extract_answer, seed=cfg.run.seed)
@@ -105,7 +105,7 @@ def log_to_mlflow(cfg: JobConfig, samples: Sequence[Sample], summary: dict[str, 
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
-    return run_entry(JobConfig, evaluate, argv)
+    return run_entry(JobConfig, evaluate, argv, before_init=lambda cfg: cfg.rollout.engine.prepare_process())
 
 
 if __name__ == "__main__":

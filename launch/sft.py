@@ -2,7 +2,7 @@
 
 Data: `data.train_files` (JSONL or Parquet rows with a prompt and a response, e.g. long
 reasoning traces; the prompt is rendered like an RL prompt through `data.format`), or, with no
-files, the built-in task's prompts answered by its sloppy teacher (core/tasks.py).
+files, the built-in task's prompts answered by its sloppy teacher (launch/tasks.py).
 
 Training: the same FSDP2 actor, optimizer and schedule as RL; examples packed into rows of
 `sft.max_seq_len` tokens (core/packing.py); the loss is the token-mean NLL of response tokens
@@ -20,7 +20,6 @@ config.yaml and an MLflow run. It makes the quickstart's starting checkpoint
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -28,21 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 from core import dist
-from core.config import flatten, to_yaml
 from core.data import ShardedSampler, read_prompts, read_sft_pairs, shard_rows
-from core.evaluate import evaluate
 from core.hybrid import HybridConfig, HybridEngine
-from core.lora import LoraConfig, apply_lora
-from core.models import ModelConfig, build_model, dtype_of, load_tokenizer, save_hf_folder, shard_model
+from core.lora import LoraConfig
+from core.models import ModelConfig, dtype_of, load_tokenizer, save_hf_folder
 from core.packing import PackedNLL, SFTExample, encode_examples, held_out_nll, pack
-from core.tasks import build_task, char_tokenizer
-from core.tracking import Tracker, TrackingConfig
-from launch.build import engine_model
+from core.tracking import TrackingConfig
+from launch.build import build_policy, build_rollout
 from launch.config import DataConfig, EvalConfig, RunConfig
 from launch.entry import run_entry
+from launch.evaluate import held_out_accuracy
+from launch.runlog import RunLog
+from launch.tasks import build_task, char_tokenizer
 from roles.actor import Actor
 from roles.reward import Reward
 from roles.rollout import Rollout
@@ -128,42 +125,25 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
         held_out = [r for f in cfg.data.eval_files for r in read_prompts(f, cfg.data.format, tokenizer)]
     else:  # the task's split; none when training on files (evaluate benchmarks with launch.eval)
         held_out = None if cfg.data.train_files else build_task(cfg.data.task).eval
-    model = build_model(cfg.model, vocab_size=len(tokenizer), seed=cfg.run.seed)
-    if cfg.sft.lora.enabled:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.run.seed)
-            model = apply_lora(model, cfg.sft.lora)
-    param_dtype = dtype_of(cfg.actor.param_dtype)
-    model = shard_model(model, dist.mesh(), param_dtype=None if param_dtype == torch.float32 else param_dtype)
-    actor = Actor(cfg.actor, model.to(info.device), total_steps=cfg.run.steps)
-    rollout = hybrid = None
+    model = build_policy(cfg.model, vocab=len(tokenizer), seed=cfg.run.seed, param_dtype=cfg.actor.param_dtype,
+                         lora=cfg.sft.lora)
+    actor = Actor(cfg.actor, model, total_steps=cfg.run.steps)
+    rollout: Rollout | None = None
+    hybrid: HybridEngine | None = None
     if held_out is not None:  # an engine only when there is something to evaluate
-        rollout = Rollout.build(cfg.rollout, engine_model(cfg.model, cfg.rollout, len(tokenizer), cfg.run.seed),
-                                tokenizer, device=info.device, seed=cfg.run.seed, rank=info.rank,
-                                dtype=dtype_of(cfg.rollout.dtype), model_path=cfg.model.path)
+        rollout = build_rollout(cfg.rollout, cfg.model, vocab=len(tokenizer), tokenizer=tokenizer, seed=cfg.run.seed)
         hybrid = HybridEngine(HybridConfig(), actor=actor, rollout=rollout,
                               engine_dtype=dtype_of(cfg.rollout.dtype), device=info.device)
     reward = Reward(Reward.Config(), device=info.device)
     out = Path(cfg.run.output_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(to_yaml(cfg))
-        (out / "metrics.jsonl").write_text("")
-    tracker = Tracker(cfg.tracking, output_dir=out, is_main=info.is_main)
-    tracker.log_params(flatten(cfg))
+    log = RunLog(out, is_main=info.is_main, total_steps=cfg.run.steps)
+    log.start(cfg, resume_step=None)
+    log.open_tracker(cfg.tracking, cfg)
     trainable = sum(p.numel() for p in actor.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in actor.model.parameters())
     logger.info("trainable parameters: %d of %d (%s)", trainable, total,
                 "LoRA" if cfg.sft.lora.enabled else "full")
-    history: list[dict[str, float]] = []
     loss_fn = PackedNLL(actor.model)
-
-    def record(row: dict[str, float]) -> None:
-        history.append(row)
-        if info.is_main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, int(row["step"]))
 
     # On the built-in task the held-out answers are exactly the training targets' format, so
     # their NLL is a smooth held-out signal next to the (steep, thresholded) accuracy.
@@ -172,13 +152,14 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
         tokenizer, max_len=cfg.sft.max_seq_len))
 
     def eval_now(*, first: bool = False) -> dict[str, float]:
-        if held_out is None:
+        if held_out is None or rollout is None or hybrid is None:
             return {}
         hybrid.sync_weights(force=first or rollout.needs_full_sync)
         rollout.wake()
-        out = evaluate(rollout, reward, held_out, tokenizer, batch_size=cfg.eval.batch_size,
-                       max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                       max_prompt_len=cfg.data.max_prompt_len)
+        out = held_out_accuracy(held_out, rollout=rollout, reward=reward, tokenizer=tokenizer,
+                                batch_size=cfg.eval.batch_size,
+                                max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                                max_prompt_len=cfg.data.max_prompt_len)
         rollout.sleep()  # the engine's memory (KV cache; SGLang: everything) back to training
         if not cfg.data.train_files:
             out["eval/nll"] = held_out_nll(actor.model, nll_examples, max_len=cfg.sft.max_seq_len,
@@ -186,36 +167,31 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
                                            rows_per_forward=cfg.actor.micro_batch_size, device=info.device)
         return out
 
-    record({"step": 0, **eval_now(first=True)})
-    t0 = time.perf_counter()
+    log.record(0, eval_now(first=True))
     for step in range(1, cfg.run.steps + 1):
         t_step = time.perf_counter()
         rows = pack(source.next(), max_len=cfg.sft.max_seq_len, pad_id=tokenizer.pad_token_id,
                     packed=cfg.sft.pack).to(info.device)
         m = actor.train_state.update(rows, loss_fn)
         seconds = time.perf_counter() - t_step
-        row = {"step": step, "sft/nll": m["nll"], "sft/tokens": m["tokens"], "sft/rows": m["rows"],
+        row = {"sft/nll": m["nll"], "sft/tokens": m["tokens"], "sft/rows": m["rows"],
                "actor/lr": m["lr"], "actor/grad_norm": m["grad_norm"], "timing_s/step": seconds,
                "perf/tokens_per_s": float(rows.packed_ids.numel()) * info.world_size / seconds}
         if step == cfg.run.steps or (cfg.eval.every and step % cfg.eval.every == 0):
             row.update(eval_now())
-        record(row)
-        if info.is_main:
-            logger.info("step %d/%d | nll %.4f%s | %.0f s", step, cfg.run.steps, row["sft/nll"],
-                        f" | eval/acc {row['eval/accuracy']:.3f}" if "eval/accuracy" in row else "",
-                        time.perf_counter() - t0)
+        log.record(step, row)
     save_hf_folder(actor.model, tokenizer, out / "hf", is_main=info.is_main,
                    lora=cfg.sft.lora if cfg.sft.lora.enabled else None)
     if info.is_main:
-        accuracy = [r["eval/accuracy"] for r in history if "eval/accuracy" in r]
+        accuracy = [r["eval/accuracy"] for r in log.history if "eval/accuracy" in r]
         logger.info("saved %s%s", out / "hf", f"; eval/accuracy {accuracy[0]:.3f} -> {accuracy[-1]:.3f}"
                     if accuracy else "")
-    tracker.finish()
-    return history
+    log.finish()
+    return log.history
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
-    return run_entry(SFTConfig, train, argv)
+    return run_entry(SFTConfig, train, argv, before_init=lambda cfg: cfg.rollout.engine.prepare_process())
 
 
 if __name__ == "__main__":

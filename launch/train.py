@@ -6,7 +6,6 @@ prints one line per step.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -15,10 +14,9 @@ from typing import Sequence
 from core import dist
 from core.batch import Batch
 from core.checkpoint import Checkpointer
-from core.config import flatten, to_yaml
+from core.config import to_yaml
 from core.curriculum import CurriculumStream, PassRateTracker
 from core.data import PROMPT_FIELDS
-from core.evaluate import evaluate
 from core.graph import Graph, Phase, Stage
 from core.models import save_hf_folder
 from core.optim import NonFiniteError
@@ -27,6 +25,8 @@ from launch.build import Job, build_job
 from launch.config import JobConfig
 from launch.entry import run_entry
 from launch.eval import flat_summary, run_benchmarks
+from launch.evaluate import held_out_accuracy
+from launch.runlog import RunLog
 from launch.state import load_local_state, local_state, sharded_state
 
 logger = logging.getLogger("launch.train")
@@ -54,21 +54,29 @@ class Trainer:
         self.job = job
         self.cfg = job.cfg
         self.out = Path(self.cfg.run.output_dir)
-        self.history: list[dict[str, float]] = []
+        self.log = RunLog(self.out, is_main=dist.info().is_main, total_steps=self.cfg.run.steps)
         self.orders = {g.name: g.order(PROMPT_FIELDS) for g in job.plan.graphs()}
         self.checkpointer = Checkpointer(self.cfg.checkpoint, self.out)
-        self.tracker: Tracker | None = None
         self.last_batch: Batch | None = None
         self.pass_rates = PassRateTracker()
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return self.log.history
+
+    @property
+    def tracker(self) -> Tracker:
+        assert self.log.tracker is not None, "the tracker opens when the run starts"
+        return self.log.tracker
 
     def run_eval(self) -> dict[str, float]:
         j = self.job
         switch = j.hybrid.enter(Phase.GENERATE)
         t0 = time.perf_counter()
-        m = switch | evaluate(j.roles["rollout"], j.roles["reward"], j.task.eval, j.tokenizer,
-                     batch_size=self.cfg.eval.batch_size,
-                     max_new_tokens=self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens,
-                     max_prompt_len=self.cfg.data.max_prompt_len)
+        m = switch | held_out_accuracy(j.task.eval, rollout=j.roles.rollout, reward=j.roles.reward,
+                                       tokenizer=j.tokenizer, batch_size=self.cfg.eval.batch_size,
+                                       max_new_tokens=self.cfg.eval.max_new_tokens or self.cfg.rollout.max_new_tokens,
+                                       max_prompt_len=self.cfg.data.max_prompt_len)
         if self.cfg.eval.benchmarks:
             m.update(flat_summary(run_benchmarks(j)[1]))
         m["timing_s/eval"] = time.perf_counter() - t0
@@ -101,9 +109,9 @@ class Trainer:
         stage = stream.stage_at(step)
         stream.set_stage(stage)
         if cur.max_new_tokens:
-            self.job.roles["rollout"].max_new_tokens = cur.max_new_tokens[stage]
+            self.job.roles.rollout.max_new_tokens = cur.max_new_tokens[stage]
         return {"curriculum/stage": float(stage),
-                "curriculum/max_new_tokens": float(self.job.roles["rollout"].max_new_tokens)}
+                "curriculum/max_new_tokens": float(self.job.roles.rollout.max_new_tokens)}
 
     def run_stage(self, stage: Stage) -> None:
         """A stage before training (e.g. value pre-training): rows with "stage" and "stage_step"."""
@@ -119,10 +127,9 @@ class Trainer:
         try:
             history = self._fit()
         except BaseException as e:
-            if self.tracker is not None:
-                self.tracker.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            self.log.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
-        self.tracker.finish("FINISHED")
+        self.log.finish("FINISHED")
         return history
 
     def _fit(self) -> list[dict[str, float]]:
@@ -149,7 +156,7 @@ class Trainer:
             raise NonFiniteError(f"{e}; the last good checkpoint is "
                                  f"{latest[-1] if latest else '(none yet)'}") from None
         if cfg.checkpoint.export_hf:
-            save_hf_folder(self.job.roles["actor"].model, self.job.tokenizer, self.out / "hf",
+            save_hf_folder(self.job.roles.actor.model, self.job.tokenizer, self.out / "hf",
                            is_main=dist.info().is_main)
             self.tracker.set_tags({"export/hf": str((self.out / "hf").resolve())})
         self._summary(time.perf_counter() - t_start)
@@ -159,29 +166,25 @@ class Trainer:
         """Resume from a checkpoint (returns its step), or start fresh: evaluate the initial
         policy (step 0) and run the algorithm's stages (returns 0)."""
         path = self.checkpointer.resolve(self.cfg.run.resume)
-        self._prepare_output(resuming=path is not None)
+        graph = {"graph.mmd": "\n\n".join(g.to_mermaid(PROMPT_FIELDS) for g in self.job.plan.graphs()) + "\n"}
+        meta = local = None
         if path is not None:
             local, meta = self.checkpointer.load(path, sharded=sharded_state(self.job))
+        self.log.start(self.cfg, resume_step=meta["step"] if meta else None, files=graph)
+        for g in self.job.plan.graphs():
+            logger.info("%s", g.to_text(PROMPT_FIELDS))
+        self.log.open_tracker(self.cfg.tracking, self.cfg, files=graph,
+                              resume_run_id=meta.get("tracking_run_id") if meta else None)
+        if meta is not None:
             load_local_state(self.job, local)
             self.pass_rates.load_state_dict(local["pass_rates"])
             self.job.hybrid.sync_weights(force=True)
-            self._keep_rows_up_to(meta["step"])
-            self._open_tracker(meta.get("tracking_run_id"))
             return meta["step"]
-        self._open_tracker(None)
         self.job.hybrid.sync_weights(force=True)  # the engine starts from the actor's weights
         self._record(0, self.run_eval())
         for stage in self.job.plan.stages:
             self.run_stage(stage)
         return 0
-
-    def _open_tracker(self, resume_run_id: str | None) -> None:
-        self.tracker = Tracker(self.cfg.tracking, output_dir=self.out, is_main=dist.info().is_main,
-                               resume_run_id=resume_run_id)
-        self.tracker.log_params(flatten(self.cfg))
-        self.tracker.log_text(to_yaml(self.cfg), "config.yaml")
-        self.tracker.log_text("\n\n".join(g.to_mermaid(PROMPT_FIELDS) for g in self.job.plan.graphs()),
-                              "graph.mmd")
 
     def save(self, step: int) -> None:
         local = local_state(self.job) | {"pass_rates": self.pass_rates.state_dict()}
@@ -190,43 +193,8 @@ class Trainer:
                                             "tracking_run_id": self.tracker.run_id})
         self.tracker.set_tags({"checkpoint/latest": str(path.resolve()), "checkpoint/step": str(step)})
 
-    def _prepare_output(self, *, resuming: bool) -> None:
-        if not dist.info().is_main:
-            return
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(to_yaml(self.cfg))
-            (self.out / "graph.mmd").write_text("\n\n".join(
-                g.to_mermaid(PROMPT_FIELDS) for g in self.job.plan.graphs()) + "\n")
-            if not resuming:
-                (self.out / "metrics.jsonl").write_text("")
-        except OSError as e:
-            raise OSError(f"cannot write to run.output_dir {str(self.out)!r}: {e}") from e
-        for graph in self.job.plan.graphs():
-            logger.info("%s", graph.to_text(PROMPT_FIELDS))
-
-    def _keep_rows_up_to(self, step: int) -> None:
-        """After a resume, drop rows logged past the checkpoint (they will be redone)."""
-        if not dist.info().is_main:
-            return
-        path = self.out / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        self.history = [r for r in rows if r["step"] <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-
     def _record(self, step: int, metrics: dict[str, float]) -> None:
-        row = {"step": step, **metrics}
-        self.history.append(row)
-        if not dist.info().is_main:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if "stage" in metrics:  # a stage's own step axis, under its name
-            self.tracker.log_metrics({f"{metrics['stage']}/{k}": v for k, v in metrics.items()},
-                                     int(metrics["stage_step"]))
-        else:
-            self.tracker.log_metrics(metrics, step)
-        logger.info("%s", console_line(row, self.cfg.run.steps))
+        self.log.record(step, metrics)
 
     def _summary(self, seconds: float) -> None:
         evals = [r["eval/accuracy"] for r in self.history if "eval/accuracy" in r and "stage" not in r]
@@ -243,21 +211,9 @@ def sample_rows(batch: Batch, n: int) -> list[dict[str, object]]:
              "finish_reason": batch.finish_reason[i]} for i in range(min(n, len(batch)))]
 
 
-def console_line(row: dict[str, float], total: int) -> str:
-    parts = ([f"{row['stage']} {row['stage_step']}"] if "stage" in row else [f"step {row['step']}/{total}"])
-    for key, label, fmt in [("reward/mean", "reward", ".3f"), ("eval/accuracy", "eval/acc", ".3f"),
-                            ("response_length/mean", "len", ".1f"), ("actor/pg_loss", "pg_loss", ".4f"),
-                            ("actor/entropy", "entropy", ".3f"), ("actor/grad_norm", "grad", ".3f"),
-                            ("critic/vf_loss", "vf_loss", ".4f"), ("critic/explained_variance", "ev", ".3f"),
-                            ("dynamic_sampling/rounds", "gen rounds", ".0f"),
-                            ("reshard/gbps", "sync GB/s", ".2f"), ("timing_s/step", "s/step", ".2f")]:
-        if key in row:
-            parts.append(f"{label} {row[key]:{fmt}}")
-    return " | ".join(parts)
-
-
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
-    return run_entry(JobConfig, lambda cfg: Trainer(build_job(cfg)).fit(), argv)
+    return run_entry(JobConfig, lambda cfg: Trainer(build_job(cfg)).fit(), argv,
+                     before_init=lambda cfg: cfg.rollout.engine.prepare_process())
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ the rollout engine; LoRA adapters, if any, folded in).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Any, ClassVar, Iterator, Protocol
 
 import torch
 
 from core.batch import Batch, GlobalCounts
-from core.graph import Result
+from core.checkpoint import ShardedState
+from core.graph import Phase, Result
 from core.lora import lora_scalings, merged_buckets
 from core.models import batched_logprobs, token_logprobs
 from core.optim import OptimConfig, TrainState
@@ -28,6 +29,8 @@ class LossFn(Protocol):
 
 
 class Actor:
+    phase: ClassVar[Phase] = Phase.TRAIN
+
     @dataclass(kw_only=True, slots=True)
     class Config(OptimConfig):
         pass
@@ -72,6 +75,15 @@ class Actor:
         """Gradients of one optimizer step without stepping (for tests and diagnostics)."""
         self.model.train()
         return self.train_state.accumulate(batch, self._micro_loss(loss_fn))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.train_state.local_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_state.load_local_state(state)
+
+    def sharded_state(self) -> ShardedState:
+        return self.train_state.sharded_state()
 
     def export_weights(self, *, bucket_bytes: int, dtype: torch.dtype | None = None
                        ) -> Iterator[list[tuple[str, torch.Tensor]]]:

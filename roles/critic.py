@@ -8,16 +8,25 @@ runs the loop and defines the loss scaling contract).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
-from algorithms.losses import ValueLoss
 from core import dist
 from core.batch import Batch, GlobalCounts, loss_mask, model_inputs
-from core.graph import Result
+from core.checkpoint import ShardedState
+from core.graph import Phase, Result
 from core.models import pad_columns
 from core.optim import OptimConfig, TrainState
+
+
+class ValueLossFn(Protocol):
+    """The critic's objective (algorithms.losses.ValueLoss): this micro-batch's share of the
+    step's value loss, and metrics, from the predicted values [B, R]."""
+
+    def __call__(self, values_BR: torch.Tensor, mb: Batch, counts: GlobalCounts
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
 class ValueModel(nn.Module):
@@ -50,6 +59,8 @@ def response_values(model: ValueModel, batch: Batch) -> torch.Tensor:
 
 
 class Critic:
+    phase: ClassVar[Phase] = Phase.TRAIN
+
     @dataclass(kw_only=True, slots=True)
     class Config(OptimConfig):
         lr: float = 5e-6
@@ -70,7 +81,16 @@ class Critic:
         return torch.cat([pad_columns(response_values(self.model, mb), R)
                           for mb in batch.split(self.cfg.micro_batch_size)], dim=0)
 
-    def update(self, batch: Batch, *, loss: ValueLoss) -> Result:
+    def state_dict(self) -> dict[str, Any]:
+        return self.train_state.local_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_state.load_local_state(state)
+
+    def sharded_state(self) -> ShardedState:
+        return self.train_state.sharded_state()
+
+    def update(self, batch: Batch, *, loss: ValueLossFn) -> Result:
         ev = explained_variance(batch.returns, batch.values, loss_mask(batch))
 
         def micro(mb: Batch, counts: GlobalCounts):

@@ -13,15 +13,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from core.batch import Batch
+from core.checkpoint import ShardedState
+from core.graph import Phase
 from core.models import ModelConfig, batched_logprobs
 
 
 class Reference:
+    phase: ClassVar[Phase] = Phase.TRAIN
+
     @dataclass(kw_only=True, slots=True)
     class Config:
         micro_batch_size: int = 16
@@ -54,6 +58,16 @@ class Reference:
         self.temperature = temperature
         self.steps = 0
         self.resets = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "resets": self.resets}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps, self.resets = state["steps"], state["resets"]
+
+    def sharded_state(self) -> ShardedState | None:
+        """The weights, when they move (a dynamic anchor); a fixed reference is the initial policy."""
+        return None if self.cfg.anchor == "fixed" else ShardedState(self.model)
 
     @torch.no_grad()
     def log_probs(self, batch: Batch) -> torch.Tensor:

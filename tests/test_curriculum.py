@@ -7,7 +7,7 @@ import torch
 
 from core.curriculum import CurriculumConfig, PassRateTracker, difficulty_levels, length_levels
 from core.data import PromptDataset, PromptRow
-from core.tasks import char_tokenizer
+from launch.tasks import char_tokenizer
 from tests.test_train_e2e import read_metrics, torchrun
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from core.data import PromptDataset, PromptFormat, PromptStream, read_prompts
-from core.tasks import TaskConfig, build_task, char_tokenizer, sloppy_sum
+from launch.tasks import TaskConfig, build_task, char_tokenizer, sloppy_sum
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = PromptFormat(chat_template=False, instruction="")

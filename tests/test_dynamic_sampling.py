@@ -24,7 +24,7 @@ if "uniform_or_parity" not in SCORERS:
 def prompt_batches(rank: int, uniform_batches: int):
     """Rank 0's first `uniform_batches` batches are all uniform; everything else is mixed."""
     from core.data import PromptRow, collate_prompts
-    from core.tasks import char_tokenizer
+    from launch.tasks import char_tokenizer
     tok = char_tokenizer()
     k = 0
     while True:
@@ -39,13 +39,13 @@ def sample(max_rounds: int, uniform_batches: int) -> dict:
     from algorithms.dapo import dynamic_sample, informative
     from core import dist
     from core.models import build_model
-    from core.tasks import char_tokenizer
+    from launch.tasks import char_tokenizer
     from roles.reward import Reward
     from roles.rollout import Rollout
     rank = dist.info().rank
     tok = char_tokenizer()
     rollout = Rollout.build(Rollout.Config(n=N, max_new_tokens=6, temperature=1.0),
-                            build_model(tiny_model_config(vocab_size=len(tok)), seed=0), tok,
+                            policy=lambda: build_model(tiny_model_config(vocab_size=len(tok)), seed=0), tokenizer=tok,
                             device=torch.device("cpu"), seed=0, rank=rank, dtype=torch.float32)
     stream = prompt_batches(rank, uniform_batches)
     out = dynamic_sample(next(stream), rollout=rollout, reward=Reward(Reward.Config()), prompts=stream,

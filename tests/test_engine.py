@@ -8,8 +8,8 @@ import torch
 
 from core.batch import Batch
 from core.models import build_model, token_logprobs
-from roles.engine import SamplingParams
-from roles.torch_engine import TorchEngine, truncate
+from roles.rollout.engine import SamplingParams
+from roles.rollout.torch_engine import TorchEngine, truncate
 from tests.helpers import tiny_model_config
 
 PROMPTS = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7], [0, 0, 0, 9, 8]])
@@ -81,7 +81,7 @@ def test_load_weights_checks_names_and_shapes(engine):
 
 
 def static_engine(**opts):
-    from roles.torch_engine import TorchEngineConfig
+    from roles.rollout.torch_engine import TorchEngineConfig
     return TorchEngine(build_model(tiny_model_config(), seed=0), pad_token_id=0,
                        device=torch.device("cpu"), options=TorchEngineConfig(**opts))
 

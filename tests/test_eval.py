@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
-from core.benchmark import REANSWER, avg_at_k, maj_at_k, pass_at_k, summarize
-from roles.engine import ENGINES, Generation, register_engine
+from launch.evaluate import REANSWER, avg_at_k, maj_at_k, pass_at_k, summarize
+from roles.rollout.engine import ENGINES, Engine, EngineConfig, EngineContext, Generation, register_engine
 from tests.dist_utils import run_distributed
 from tests.test_train_e2e import ROOT, torchrun
 
@@ -38,7 +39,7 @@ def test_avg_and_maj_at_k_with_deterministic_ties():
 
 
 def _summary_from_samples(path: Path, ks: list[int]) -> dict:
-    from core.benchmark import Sample
+    from launch.evaluate import Sample
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     return summarize([Sample(**r) for r in rows], ks)
 
@@ -81,7 +82,7 @@ def scripted_eval(out: str, tok_dir: str) -> dict:
 def test_a_model_that_always_answers_correctly_scores_one_everywhere(tmp_path):
     """Checks extraction and grading on every problem of aime24 and math500, not the model."""
     from core.data import PromptFormat, read_prompts
-    from core.tasks import char_tokenizer
+    from launch.tasks import char_tokenizer
     raw = PromptFormat(chat_template=False, instruction="")
     rows = [r for n in ("aime24", "math500") for r in read_prompts(ROOT / "data" / f"{n}.jsonl", raw)]
     text = "".join(r.problem + str(r.answer) for r in rows) + PromptFormat().instruction + REANSWER
@@ -95,39 +96,39 @@ SCRIPT: dict[str, str] = {}
 """problem text -> its answer, for the scripted engine below."""
 TOKENIZER = {}
 
+class ScriptedEngine(Engine):
+    """Answers every problem it recognises in the prompt with `\\boxed{<the answer>}`."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad = pad_token_id
+
+    def generate(self, prompt_ids, prompt_mask, sampling) -> Generation:
+        tok = TOKENIZER["tok"]
+        texts = [tok.decode(ids[m.bool()].tolist()) for ids, m in zip(prompt_ids, prompt_mask)]
+        replies = [f"The answer is \\boxed{{{SCRIPT[max((p for p in SCRIPT if t.startswith(p)), key=len)]}}}"
+                   for t in texts for _ in range(sampling.n)]
+        seqs = [tok.encode(r, add_special_tokens=False) + [tok.eos_token_id] for r in replies]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+        return Generation(ids, mask, torch.zeros(ids.shape), ["stop"] * len(seqs))
+
+    def load_weights(self, named_tensors):
+        return sum(t.numel() * t.element_size() for _, t in named_tensors)
+
+
 if "scripted" not in ENGINES:
     @register_engine("scripted")
-    class ScriptedEngine:
-        """Answers every problem it recognises in the prompt with `\\boxed{<the answer>}`."""
+    @dataclass(kw_only=True, slots=True)
+    class ScriptedEngineConfig(EngineConfig):
+        """A user engine: its Config registers under a name and builds it."""
+        name: str = "scripted"
 
-        def __init__(self, model, *, pad_token_id, device, dtype):
-            self.pad = pad_token_id
-
-        def generate(self, prompt_ids, prompt_mask, sampling) -> Generation:
-            tok = TOKENIZER["tok"]
-            texts = [tok.decode(ids[m.bool()].tolist()) for ids, m in zip(prompt_ids, prompt_mask)]
-            replies = [f"The answer is \\boxed{{{SCRIPT[max((p for p in SCRIPT if t.startswith(p)), key=len)]}}}"
-                       for t in texts for _ in range(sampling.n)]
-            seqs = [tok.encode(r, add_special_tokens=False) + [tok.eos_token_id] for r in replies]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, s in enumerate(seqs):
-                ids[i, :len(s)] = torch.tensor(s)
-                mask[i, :len(s)] = 1
-            return Generation(ids, mask, torch.zeros(ids.shape), ["stop"] * len(seqs))
-
-        def load_weights(self, named_tensors):
-            return sum(t.numel() * t.element_size() for _, t in named_tensors)
-
-        def named_weights(self):
-            return []
-
-        def sleep(self):
-            pass
-
-        def wake(self):
-            pass
+        def build(self, ctx: EngineContext) -> Engine:
+            return ScriptedEngine(ctx.pad_token_id)
 
 
 @pytest.mark.dist

@@ -35,7 +35,9 @@ def test_order_groups_phases_and_roles_are_derived():
     from algorithms.grpo import GRPOConfig, GRPOLoss
     g = build_graph(GRPOConfig(loss=GRPOLoss(kl_coef=0.04)))
     g.validate(PROMPT_FIELDS)
-    phases = [n.phase for n in g.order(PROMPT_FIELDS) if n.phase is not Phase.ANY]
+    g.bind({name: _role(phase) for name, phase in [("rollout", Phase.GENERATE), ("reward", Phase.ANY),
+                                                   ("actor", Phase.TRAIN), ("reference", Phase.TRAIN)]})
+    phases = [g.phase(n) for n in g.order(PROMPT_FIELDS) if g.phase(n) is not Phase.ANY]
     switches = sum(a is not b for a, b in zip(phases, phases[1:]))
     assert switches == 1  # generate once, then train: one switch per step
     assert g.roles() == {"rollout", "reward", "actor", "reference"}
@@ -43,7 +45,15 @@ def test_order_groups_phases_and_roles_are_derived():
     assert "flowchart" in g.to_mermaid(PROMPT_FIELDS) and "actor.update" in g.to_text(PROMPT_FIELDS)
 
 
+def _role(phase: Phase):
+    """A stand-in role that declares `phase` and accepts any operation."""
+    cls = type(f"Role_{phase.value}", (), {"phase": phase, "__getattr__": lambda self, name: lambda *a, **k: None})
+    return cls()
+
+
 class _Doubler:
+    phase = Phase.ANY
+
     def double(self, batch: Batch) -> Result:
         assert batch.fields == ("rewards",)  # a role op sees only its declared inputs
         return Result(batch.rewards * 2, metrics={"doubler/calls": 1.0}, counts={"doubler/n": 2.0})

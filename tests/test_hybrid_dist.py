@@ -21,8 +21,8 @@ def trained_actor_synced(engine_dtype: str) -> dict:
     from core.hybrid import HybridConfig, HybridEngine
     from core.models import build_model, dtype_of, shard_model
     from roles.actor import Actor
-    from roles.engine import SamplingParams
-    from roles.torch_engine import TorchEngine
+    from roles.rollout.engine import SamplingParams
+    from roles.rollout.torch_engine import TorchEngine
 
     cfg = tiny_model_config()
     actor = Actor(Actor.Config(lr=1e-2), shard_model(build_model(cfg, seed=0), dist.mesh()),
@@ -69,8 +69,8 @@ def test_engine_generates_like_single_process_model(synced):
     """A plain (never sharded) model loaded with the same full weights, in a fresh engine with the
     same seed, samples the same tokens; greedy decoding also matches HF generate."""
     from core.models import build_model
-    from roles.engine import SamplingParams
-    from roles.torch_engine import TorchEngine
+    from roles.rollout.engine import SamplingParams
+    from roles.rollout.torch_engine import TorchEngine
 
     dtype, ranks = synced
     r = ranks[0]

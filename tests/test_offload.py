@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from core.offload import MemoryHandoff, check_allocator_conf, move_optimizer_state
+from core.offload import MemoryHandoff, move_optimizer_state
 from tests.dist_utils import run_distributed
 
 
@@ -45,8 +45,10 @@ def test_handoff_is_a_no_op_on_cpu_and_moves_sharded_optimizer_state():
 
 
 def test_allocator_conf_drops_expandable_segments_only_for_sglang(monkeypatch):
+    from roles.rollout.sglang_engine import SGLangConfig
+    from roles.rollout.torch_engine import TorchEngineConfig
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True,max_split_size_mb:128")
-    check_allocator_conf("torch")
+    TorchEngineConfig().prepare_process()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True,max_split_size_mb:128"
-    check_allocator_conf("sglang")
+    SGLangConfig().prepare_process()
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"

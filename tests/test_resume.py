@@ -236,7 +236,7 @@ def _resume_state_in_this_group(checkpoint: str) -> dict[str, Any]:
     local, _ = Checkpointer(cfg.checkpoint, cfg.run.output_dir).load(Path(checkpoint),
                                                                      sharded=sharded_state(job))
     load_local_state(job, local)
-    ts = job.roles["actor"].train_state
+    ts = job.roles.actor.train_state
     model_sd, optim_sd = get_state_dict(ts.model, ts.optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {"model": model_sd, "optim": optim_sd, "local": ts.local_state()}
@@ -262,7 +262,7 @@ def test_resume_two_ranks_checkpoint_with_one_process(tmp_path):
     loaded = run_distributed(_resume_state_in_this_group, str(ckpt), world_size=1)[0]
     assert_same(loaded["model"], saved["actor"]["model"])
     assert_same(loaded["optim"], saved["actor"]["optim"])
-    assert_same(loaded["local"], local_states(ckpt)[0]["actor"])  # scheduler, optimizer step count
+    assert_same(loaded["local"], local_states(ckpt)[0]["roles"]["actor"])  # scheduler, optimizer step count
 
     torchrun("configs/quickstart.yaml", f"run.output_dir={b}", *SMALL, "run.steps=3",
              f"run.resume={ckpt}", nproc=1)
@@ -273,8 +273,8 @@ def test_resume_two_ranks_checkpoint_with_one_process(tmp_path):
     # would count 1), and the weights moved from the loaded ones
     assert {float(m["step"]) for m in after["actor"]["optim"]["state"].values()} == {3.0}
     assert {float(m["step"]) for m in saved["actor"]["optim"]["state"].values()} == {2.0}
-    assert (local_states(b / "checkpoints" / "step_000003")[0]["actor"]["version"]
-            == local_states(ckpt)[0]["actor"]["version"] + 1)
+    assert (local_states(b / "checkpoints" / "step_000003")[0]["roles"]["actor"]["version"]
+            == local_states(ckpt)[0]["roles"]["actor"]["version"] + 1)
     assert not torch.equal(after["actor"]["model"]["model.norm.weight"],
                            saved["actor"]["model"]["model.norm.weight"])
 
@@ -282,7 +282,7 @@ def test_resume_two_ranks_checkpoint_with_one_process(tmp_path):
 def _export_and_logits(out: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     from core import dist
     from core.models import build_model, full_state_dict, save_hf_folder, shard_model, token_logprobs
-    from core.tasks import char_tokenizer
+    from launch.tasks import char_tokenizer
     from roles.actor import Actor
     from algorithms.losses import PolicyLoss
     actor = Actor(Actor.Config(lr=1e-2), shard_model(build_model(tiny_model_config(), seed=0), dist.mesh()),

@@ -132,18 +132,18 @@ SFT_2DIGIT = ["run.steps=300", "eval.every=0", "data.task.digits=2", "data.task.
 def held_out_accuracy(model_dir: str, eval_size: int, digits: int) -> float:
     """Greedy accuracy of a saved Hugging Face folder on the built-in task's held-out split."""
     from core import dist
-    from core.evaluate import evaluate
     from core.models import load_tokenizer
-    from core.tasks import TaskConfig, build_task
+    from launch.build import build_rollout
+    from launch.evaluate import held_out_accuracy as accuracy
+    from launch.tasks import TaskConfig, build_task
     from roles.reward import Reward
     from roles.rollout import Rollout
     cfg = ModelConfig(path=model_dir)
     tok = load_tokenizer(cfg)
-    rollout = Rollout.build(Rollout.Config(max_new_tokens=6), build_model(cfg), tok,
-                            device=dist.info().device, seed=0, rank=0, dtype=torch.float32)
+    rollout = build_rollout(Rollout.Config(max_new_tokens=6), cfg, vocab=len(tok), tokenizer=tok, seed=0)
     task = build_task(TaskConfig(digits=digits, eval_size=eval_size, train_size=5000))
-    return evaluate(rollout, Reward(Reward.Config(), device=dist.info().device), task.eval, tok,
-                    batch_size=200, max_new_tokens=6, max_prompt_len=16)["eval/accuracy"]
+    return accuracy(task.eval, rollout=rollout, reward=Reward(Reward.Config(), device=dist.info().device),
+                    tokenizer=tok, batch_size=200, max_new_tokens=6, max_prompt_len=16)["eval/accuracy"]
 
 
 @pytest.mark.slow
@@ -181,7 +181,7 @@ def test_sft_raises_held_out_accuracy_above_the_untrained_model(tmp_path, lora):
 def test_lora_sft_from_files_on_a_model_folder(tmp_path):
     """(prompt, response) JSONL files, a local model folder (the quickstart's sloppy SFT model,
     which gets carries wrong), LoRA on correct answers: held-out accuracy rises within 20 steps."""
-    from core.tasks import TaskConfig, build_task
+    from launch.tasks import TaskConfig, build_task
     task = build_task(TaskConfig(eval_size=100, train_size=2000))
     train, held_out = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     train.write_text("".join(json.dumps({"problem": r.prompt, "response": r.answer}) + "\n"

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from roles.engine import SamplingParams
+from roles.rollout.engine import SamplingParams
 from tests.dist_utils import run_distributed
 
 API = json.loads((Path(__file__).parent / "data" / "sglang_api_0.5.21.json").read_text())
@@ -184,7 +184,7 @@ def install_stand_in(monkeypatch=None) -> None:
             monkeypatch.setitem(sys.modules, name, mod)
         else:
             sys.modules[name] = mod
-    import roles.sglang_engine as se
+    import roles.rollout.sglang_engine as se
     se.check_runtime = lambda device: None  # the stand-in runs on CPU
 
 
@@ -193,14 +193,14 @@ MASK = (PROMPTS != 0).long()
 
 
 def make_engine(**options):
-    from roles.sglang_engine import SGLangConfig, SGLangEngine
+    from roles.rollout.sglang_engine import SGLangConfig, SGLangEngine
     return SGLangEngine(None, pad_token_id=0, device=torch.device("cpu"), dtype=torch.bfloat16,
                         model_path="/models/tiny", options=SGLangConfig(**options), seed=3,
                         stop_token_ids=(STOP,))
 
 
 def test_without_a_gpu_or_sglang_selecting_it_says_what_to_install():
-    from roles.sglang_engine import check_runtime
+    from roles.rollout.sglang_engine import check_runtime
     with pytest.raises(RuntimeError, match=r"pip install 'rolegraph\[sglang\]'"):
         check_runtime(torch.device("cpu"))
     if "sglang" not in sys.modules:  # here: no sglang installed
@@ -212,12 +212,13 @@ def test_a_run_with_the_sglang_engine_on_cpu_stops_at_start_up(tmp_path):
     from core.config import load_config
     from launch.config import JobConfig
     from roles.rollout import Rollout
-    from core.tasks import char_tokenizer
+    from launch.tasks import char_tokenizer
     cfg = load_config(JobConfig, Path(__file__).parents[1] / "configs" / "quickstart.yaml",
                       ["rollout.engine=sglang"])
+    assert type(cfg.rollout.engine).__name__ == "SGLangConfig"
     with pytest.raises(RuntimeError, match="rolegraph\\[sglang\\]"):
-        Rollout.build(cfg.rollout, None, char_tokenizer(), device=torch.device("cpu"), seed=0,
-                      rank=0, dtype=torch.bfloat16, model_path=cfg.model.path)
+        Rollout.build(cfg.rollout, policy=lambda: None, tokenizer=char_tokenizer(), device=torch.device("cpu"),
+                      seed=0, rank=0, dtype=torch.bfloat16, model_path=cfg.model.path)
 
 
 @pytest.mark.parametrize("flattened", [True, False])
@@ -302,6 +303,12 @@ def test_asleep_engine_needs_a_full_sync():
         def load_weights(self, named):
             self.loaded += 1
             return sum(t.numel() * 4 for _, t in named)
+
+        def begin_weight_update(self):
+            pass
+
+        def end_weight_update(self):
+            pass
 
         def wake(self):
             pass

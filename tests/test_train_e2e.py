@@ -112,7 +112,7 @@ def _built_roles(overrides: list[str]) -> list[str]:
     from launch.build import build_job
     from launch.config import JobConfig
     cfg = load_config(JobConfig, str(ROOT / "configs" / "quickstart.yaml"), overrides)
-    return sorted(build_job(cfg).roles)
+    return sorted(build_job(cfg).roles.named())
 
 
 @pytest.mark.dist

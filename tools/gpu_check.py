@@ -62,7 +62,7 @@ if TYPE_CHECKING:  # annotations only: stages import these at run time (see abov
     from core.dist import DistInfo
     from core.models import ModelConfig
     from roles.actor import Actor
-    from roles.torch_engine import TorchEngine, TorchEngineConfig
+    from roles.rollout.torch_engine import TorchEngine, TorchEngineConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -329,7 +329,7 @@ def _engine(p: dict[str, Any], device: torch.device, options: TorchEngineConfig 
             model: torch.nn.Module | None = None) -> TorchEngine:
     import torch
     from core.models import build_model
-    from roles.torch_engine import TorchEngine
+    from roles.rollout.torch_engine import TorchEngine
     model = model if model is not None else build_model(_model_config(p["shape"], p["vocab"]), seed=1)
     return TorchEngine(model, pad_token_id=0, device=device, dtype=torch.bfloat16, options=options)
 
@@ -372,8 +372,8 @@ def stage_torch_engine(rep: Report, p: dict[str, Any], device: str) -> None:
     import dataclasses
     import torch
     from core.models import build_model
-    from roles.engine import SamplingParams
-    from roles.torch_engine import TorchEngineConfig
+    from roles.rollout.engine import SamplingParams
+    from roles.rollout.torch_engine import TorchEngineConfig
     dev = _torch_device(device)
     model = build_model(_model_config(p["shape"], p["vocab"]), seed=0)
     ids, mask = _prompts(n=p["prompts"], length=p["prompt_len"], vocab=p["vocab"], seed=3)
@@ -426,7 +426,7 @@ def stage_offload(rep: Report, p: dict[str, Any], device: str) -> None:
     from core.graph import Phase
     from core.hybrid import HybridConfig, HybridEngine
     from core.offload import MemoryHandoff
-    from roles.engine import SamplingParams
+    from roles.rollout.engine import SamplingParams
     info = _init_dist(device)
     actor = _sharded_actor(p, info.device, seed=0, micro_batch=p["micro_batch"])
     engine = _engine(p, info.device)

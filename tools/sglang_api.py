@@ -1,4 +1,4 @@
-"""Record the parts of SGLang's API that roles/sglang_engine.py calls, from a release wheel,
+"""Record the parts of SGLang's API that roles/rollout/sglang_engine.py calls, from a release wheel,
 without importing it (SGLang cannot be imported without CUDA):
 
     pip download sglang==0.5.21 --no-deps -d /tmp/sgl

@@ -6,7 +6,7 @@ signatures from the wheel into tests/data/sglang_api_0.5.21.json, and tests/test
 drives this adapter against a stand-in that accepts exactly those parameters. SGLang's kernels
 are CUDA-only, so this engine has NOT run on real hardware in this repository (docs/gpu.md).
 
-Layout: `rollout.sglang.tp_size` = T ranks form one tensor-parallel group; the group's first
+Layout: `rollout.engine.tp_size` = T ranks form one tensor-parallel group; the group's first
 rank (the leader) owns the `sglang.Engine` (which starts T schedulers on GPUs
 base_gpu_id .. base_gpu_id+T-1, the GPUs of the group's ranks); data-parallel replicas =
 world size / T. In a group, prompts are gathered to the leader, generated together, and the
@@ -32,7 +32,8 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.distributed as tdist
 
-from roles.engine import Generation, SamplingParams, register_engine
+from core.offload import disable_expandable_segments
+from roles.rollout.engine import Engine, EngineConfig, EngineContext, Generation, SamplingParams, register_engine
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,10 @@ INSTALL = ("the sglang engine needs SGLang and a CUDA GPU: pip install 'rolegrap
            "rollout.engine=torch")
 
 
+@register_engine("sglang")
 @dataclass(kw_only=True, slots=True)
-class SGLangConfig:
+class SGLangConfig(EngineConfig):
+    name: str = "sglang"
     tp_size: int = 1
     """Ranks per tensor-parallel engine; data-parallel replicas = world size / tp_size."""
     mem_fraction_static: float = 0.5
@@ -60,6 +63,15 @@ class SGLangConfig:
     {enable_deterministic_inference: true} makes the per-sample seeds take effect (slower)."""
     group_timeout_hours: float = 6.0
     """Timeout of the TP group's gloo collectives (ranks wait in them while the leader generates)."""
+
+    def build(self, ctx: EngineContext) -> SGLangEngine:
+        return SGLangEngine(None, pad_token_id=ctx.pad_token_id, device=ctx.device, dtype=ctx.dtype,
+                            model_path=ctx.model_path, options=self, seed=ctx.seed,
+                            stop_token_ids=ctx.stop_token_ids)
+
+    def prepare_process(self) -> None:
+        # SGLang's memory saver cannot work with expandable segments; before CUDA starts.
+        disable_expandable_segments("incompatible with SGLang's memory saver")
 
 
 def import_sglang():
@@ -145,8 +157,7 @@ def to_generation(outputs: list[dict[str, Any]], pad_token_id: int) -> Generatio
     return Generation(response_ids=ids, response_mask=mask, logp=logp, finish_reason=reasons)
 
 
-@register_engine("sglang")
-class SGLangEngine:
+class SGLangEngine(Engine):
     def __init__(self, model: Any, *, pad_token_id: int, device: torch.device,
                  dtype: torch.dtype = torch.bfloat16, model_path: str | None = None,
                  options: SGLangConfig | None = None, seed: int = 0,
@@ -164,7 +175,7 @@ class SGLangEngine:
         rank, world = (tdist.get_rank(), tdist.get_world_size()) if tdist.is_initialized() else (0, 1)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         if world % cfg.tp_size or local_world % cfg.tp_size:
-            raise ValueError(f"rollout.sglang.tp_size={cfg.tp_size} must divide the processes per "
+            raise ValueError(f"rollout.engine.tp_size={cfg.tp_size} must divide the processes per "
                              f"node ({local_world}): a TP group's ranks and SGLang's GPUs "
                              f"base_gpu_id..+tp_size-1 must be the same GPUs of one node")
         self.tp_rank = rank % cfg.tp_size
@@ -191,7 +202,7 @@ class SGLangEngine:
                 from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorBucket
             except ImportError as e:
                 if cfg.tp_size > 1:
-                    raise ImportError(f"rollout.sglang.tp_size > 1 needs sglang's FlattenedTensorBucket "
+                    raise ImportError(f"rollout.engine.tp_size > 1 needs sglang's FlattenedTensorBucket "
                                       f"(sglang >= 0.5.18): {e}") from e
                 logger.warning("this sglang has no FlattenedTensorBucket; sending tensors one by one")
             else:

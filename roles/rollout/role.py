@@ -1,27 +1,34 @@
-"""The rollout role: prompts in, sampled responses (ids, text, log-probs) out, via an engine."""
+"""The rollout role: prompts in, sampled responses (ids, text, log-probs) out, via an engine.
+
+The engine is the `rollout.engine` slot's choice (roles/rollout/engine.py): its Config builds
+it. The role is the hybrid engine's weight sink: every call reaches the engine's own method.
+"""
 from __future__ import annotations
 
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
-from roles.torch_engine import TorchEngineConfig  # registers the "torch" engine
-from roles.sglang_engine import SGLangConfig  # registers "sglang"; imports sglang only when used
 from core.batch import Batch
-from roles.engine import Engine, SamplingParams, get_engine
+from core.graph import Phase
+from roles.rollout import sglang_engine, torch_engine  # noqa: F401  (register the engines)
+from roles.rollout.engine import Engine, EngineConfig, EngineContext, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 
 class Rollout:
+    phase: ClassVar[Phase] = Phase.GENERATE
+
     @dataclass(kw_only=True, slots=True)
     class Config:
-        engine: str = "torch"
-        """Inference engine: "torch" (built in; CPU and GPU) or "sglang" (GPU; pip install
-        'rolegraph[sglang]')."""
+        engine: EngineConfig = field(default_factory=torch_engine.TorchEngineConfig)
+        """The inference engine and its options: "torch" (built in; CPU and GPU; static KV cache,
+        compiled decode) or "sglang" (GPU; pip install 'rolegraph[sglang]'), e.g.
+        rollout.engine=sglang rollout.engine.tp_size=2."""
         n: int = 8
         """Samples per prompt (the GRPO group size)."""
         temperature: float = 1.0
@@ -33,16 +40,12 @@ class Rollout:
         """Extra stop tokens (each must be one token of the vocabulary); EOS always stops."""
         dtype: str = "float32"
         """Engine weight dtype; actor weights are cast to it at every sync."""
-        torch_engine: TorchEngineConfig = field(default_factory=TorchEngineConfig)
-        """Options of the torch engine (static KV cache, compiled decode)."""
-        sglang: SGLangConfig = field(default_factory=SGLangConfig)
-        """Options of the sglang engine (roles/sglang_engine.py; GPU only)."""
 
-    def __init__(self, cfg: Config, engine: Engine, tokenizer, *, seed: int, rank: int) -> None:
+    def __init__(self, cfg: Config, engine: Engine, tokenizer: Any, *, seed: int, rank: int) -> None:
         self.cfg = cfg
         self.engine = engine
         self.tokenizer = tokenizer
-        self.stop_token_ids = _stop_ids(tokenizer, cfg.stop)
+        self.stop_token_ids = stop_ids(tokenizer, cfg.stop)
         self._seed = seed
         self._rank = rank
         self.calls = 0
@@ -52,19 +55,15 @@ class Rollout:
         keeps the value it was given)."""
 
     @classmethod
-    def build(cls, cfg: Config, model, tokenizer, *, device: torch.device, seed: int,
-              rank: int, dtype: torch.dtype, model_path: str | None = None) -> Rollout:
-        """The configured engine on `model` (the `torch` engine's own copy of the policy), or
-        for `sglang`, an engine started from the folder `model_path` (model is then unused)."""
-        extra = {}
-        if cfg.engine == "torch":
-            extra = {"options": cfg.torch_engine}
-        elif cfg.engine == "sglang":
-            extra = {"model_path": model_path, "options": cfg.sglang, "seed": seed,
-                     "stop_token_ids": _stop_ids(tokenizer, cfg.stop)}
-        engine = get_engine(cfg.engine)(model, pad_token_id=tokenizer.pad_token_id,
-                                        device=device, dtype=dtype, **extra)
-        return cls(cfg, engine, tokenizer, seed=seed, rank=rank)
+    def build(cls, cfg: Config, *, policy: Callable[[], torch.nn.Module], tokenizer: Any,
+              device: torch.device, seed: int, rank: int, dtype: torch.dtype,
+              model_path: str | None = None) -> Rollout:
+        """The configured engine: `policy()` builds its own copy of the policy where the engine
+        needs one (torch); sglang starts from the folder `model_path` instead."""
+        ctx = EngineContext(policy=policy, model_path=model_path, pad_token_id=tokenizer.pad_token_id,
+                            stop_token_ids=stop_ids(tokenizer, cfg.stop), device=device, dtype=dtype,
+                            seed=seed)
+        return cls(cfg, cfg.engine.build(ctx), tokenizer, seed=seed, rank=rank)
 
     def sampling(self, **overrides) -> SamplingParams:
         """The configured sampling parameters, with overrides (e.g. temperature=0 for eval)."""
@@ -94,21 +93,20 @@ class Rollout:
             rollout_logp=out.logp.to(device), response_text=texts, finish_reason=out.finish_reason,
             response_budget=budget_B)
 
+    # --- the hybrid engine's weight sink: straight to the engine -----------------------------
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         return self.engine.load_weights(named_tensors)
 
     @property
     def needs_full_sync(self) -> bool:
-        """The engine lost its weights (SGLang after sleep): sync even if the actor did not step."""
-        return bool(getattr(self.engine, "needs_full_sync", False))
+        return self.engine.needs_full_sync
 
     def begin_weight_update(self) -> None:
-        """Before a sync's first bucket (SGLang: its weight memory comes back)."""
-        getattr(self.engine, "begin_weight_update", lambda: None)()
+        self.engine.begin_weight_update()
 
     def end_weight_update(self) -> None:
-        """After a sync's last bucket (SGLang: cache flushed, KV cache memory back)."""
-        getattr(self.engine, "end_weight_update", lambda: None)()
+        self.engine.end_weight_update()
 
     def sleep(self) -> None:
         self.engine.sleep()
@@ -116,8 +114,19 @@ class Rollout:
     def wake(self) -> None:
         self.engine.wake()
 
+    # --- checkpoint state ----------------------------------------------------------------------
 
-def _stop_ids(tokenizer, extra: list[str]) -> tuple[int, ...]:
+    def state_dict(self) -> dict[str, Any]:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.calls = state["calls"]
+
+    def sharded_state(self) -> None:
+        return None
+
+
+def stop_ids(tokenizer: Any, extra: list[str]) -> tuple[int, ...]:
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     for s in extra:
         tok = tokenizer.encode(s, add_special_tokens=False)

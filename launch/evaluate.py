@@ -1,5 +1,15 @@
-"""Benchmark evaluation: n samples per problem, scored like training, summarised as pass@k,
-avg@k and maj@k, optionally over several rounds of "multi-round thinking".
+"""Evaluation: one generate-and-score routine, with one definition of a correct sample, behind
+held-out accuracy during training, benchmarks (launch.eval) and the difficulty curriculum's
+pass-rate probe.
+
+A sample is correct when its score is 1 (`is_correct`: the scorer's "1 = correct"; a partial
+score, e.g. some of a program's tests passing, is not). Held-out accuracy is the fraction of
+correct greedy samples; a pass rate is the fraction of correct samples of one problem; pass@k,
+avg@k and maj@k count correct samples too. Evaluation never drops a problem: a prompt longer
+than data.max_prompt_len is an error.
+
+Benchmarks: n samples per problem, scored like training, summarised as pass@k, avg@k and maj@k,
+optionally over several rounds of "multi-round thinking".
 
 Definitions (ALGORITHMS.md, "Evaluation"), for one problem with n samples of which c are correct:
 
@@ -16,15 +26,23 @@ re-answer."; each of the n samples continues its own chain; only the final answe
 """
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import torch
 from tqdm import tqdm
 
 from core import dist
+from core.batch import Batch
 from core.data import PromptDataset, PromptFormat, PromptRow, collate_prompts, render_prompt, shard_rows
+from roles.reward import Reward
+from roles.rollout import Rollout
+from roles.rollout.engine import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 REANSWER = "\n\nThe assistant's previous answer is: <answer> {answer} </answer>, and please re-answer."
 
@@ -92,7 +110,65 @@ def _mean(values: Any) -> float:
     return sum(vals) / len(vals) if vals else 0.0
 
 
-def run_benchmark(name: str, rows: Sequence[PromptRow], *, rollout: Any, reward: Any, tokenizer,
+def is_correct(scores_B: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the sample is correct (score 1; the scorers' scores lie in [0, 1])."""
+    return scores_B >= 1.0 - 1e-6
+
+
+def generate_and_score(rows: Sequence[PromptRow], *, rollout: Rollout, reward: Reward, tokenizer: Any,
+                       sampling: SamplingParams, batch_size: int, max_prompt_len: int, seed: int,
+                       progress: str | None = None) -> Iterator[tuple[int, Batch, torch.Tensor]]:
+    """This rank's `rows`, batch_size prompts at a time, each sampled `sampling.n` times and
+    scored: yields (offset of the chunk in rows, the generated batch, is_correct [chunk x n]).
+    The chunk at offset `start` samples with seed + start, so results do not depend on the rank
+    count's effect on other chunks."""
+    device = dist.info().device
+    show = tqdm(total=len(rows), desc=progress, disable=progress is None or not dist.info().is_main, leave=False)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = prompt_batch(chunk, tokenizer, max_prompt_len).to(device)
+        gen = rollout.generate(batch, sampling.with_seed(seed + start))
+        yield start, gen, is_correct(reward.score(gen).value)
+        show.update(len(chunk))
+    show.close()
+
+
+@torch.no_grad()
+def held_out_accuracy(rows: Sequence[PromptRow], *, rollout: Rollout, reward: Reward, tokenizer: Any,
+                      batch_size: int, max_new_tokens: int, max_prompt_len: int) -> dict[str, float]:
+    """{"eval/accuracy", "eval/n"}: greedy, one sample per problem, every rank's share summed
+    (collective)."""
+    info = dist.info()
+    mine = shard_rows(rows, info.rank, info.world_size)
+    sampling = rollout.sampling(temperature=0.0, n=1, max_new_tokens=max_new_tokens)
+    correct = sum(float(ok.sum()) for _, _, ok in generate_and_score(
+        mine, rollout=rollout, reward=reward, tokenizer=tokenizer, sampling=sampling,
+        batch_size=batch_size, max_prompt_len=max_prompt_len, seed=0))
+    total = dist.all_reduce_scalars({"correct": correct, "n": float(len(mine))})
+    return {"eval/accuracy": total["correct"] / max(total["n"], 1.0), "eval/n": total["n"]}
+
+
+@torch.no_grad()
+def probe_pass_rates(dataset: PromptDataset, *, rollout: Rollout, reward: Reward, tokenizer: Any, n: int,
+                     batch_size: int, max_prompt_len: int, seed: int) -> list[float]:
+    """The current policy's pass rate of every prompt of `dataset` from n samples each (each
+    rank probes its share; seeded, so a resumed run probes identically). Collective."""
+    info = dist.info()
+    mine = list(range(info.rank, len(dataset), info.world_size))
+    rates: dict[int, float] = {}
+    sampling = rollout.sampling(n=n)
+    for start, _, ok in generate_and_score([dataset.rows[i] for i in mine], rollout=rollout, reward=reward,
+                                           tokenizer=tokenizer, sampling=sampling, batch_size=batch_size,
+                                           max_prompt_len=max_prompt_len, seed=seed):
+        chunk = mine[start:start + batch_size]
+        rates.update(zip(chunk, ok.float().reshape(len(chunk), n).mean(-1).tolist()))
+    merged = {k: v for part in dist.all_gather_objects(rates) for k, v in part.items()}
+    logger.info("difficulty probe: %d prompts x %d samples; %d with 0 < pass rate < 1", len(merged), n,
+                sum(0 < p < 1 for p in merged.values()))
+    return [merged[i] for i in range(len(dataset))]
+
+
+def run_benchmark(name: str, rows: Sequence[PromptRow], *, rollout: Rollout, reward: Reward, tokenizer: Any,
                   fmt: PromptFormat, n: int, rounds: int, batch_size: int, max_prompt_len: int,
                   sampling_overrides: dict[str, Any], extract: Callable[[str, str], str | None],
                   seed: int) -> list[Sample]:
@@ -101,32 +177,27 @@ def run_benchmark(name: str, rows: Sequence[PromptRow], *, rollout: Any, reward:
     mine = shard_rows(list(enumerate(rows)), info.rank, info.world_size)
     out: list[Sample] = []
     chains = [(i, row, j, row.prompt) for i, row in mine for j in range(n)]
-    show = tqdm(total=len(chains) * rounds, desc=f"eval {name}", disable=not info.is_main, leave=False)
+    sampling = rollout.sampling(n=1, **sampling_overrides)
     for rnd in range(1, rounds + 1):
         next_chains = []
-        for start in range(0, len(chains), batch_size):
+        prompts = [PromptRow(p, row.answer, row.data_source) for _, row, _, p in chains]
+        for start, gen, correct in generate_and_score(
+                prompts, rollout=rollout, reward=reward, tokenizer=tokenizer, sampling=sampling,
+                batch_size=batch_size, max_prompt_len=max_prompt_len, seed=seed + 1000 * rnd,
+                progress=f"eval {name} round {rnd}"):
             chunk = chains[start:start + batch_size]
-            batch = _prompt_batch([PromptRow(p, row.answer, row.data_source) for _, row, _, p in chunk],
-                                  tokenizer, max_prompt_len).to(info.device)
-            gen = rollout.generate(batch, rollout.sampling(n=1, seed=seed + 1000 * rnd + start,
-                                                           **sampling_overrides))
-            correct = reward.score(gen).value > 0.5
             for (i, row, j, _), text, ok in zip(chunk, gen.response_text, correct.tolist()):
                 answer = extract(reward.scorer_for(row.data_source), text)
                 out.append(Sample(name, row.uid or str(i), j, rnd, text, answer, bool(ok)))
                 retry = render_prompt(row.problem + REANSWER.format(answer=answer or ""), fmt, tokenizer)
                 next_chains.append((i, row, j, retry))
-            show.update(len(chunk))
         chains = next_chains
-    show.close()
     return [s for part in dist.all_gather_objects(out) for s in part]
 
 
-def _prompt_batch(rows: list[PromptRow], tokenizer, max_prompt_len: int):
-    ds = PromptDataset(rows, tokenizer, max_prompt_len=max_prompt_len)
-    if len(ds) != len(rows):
-        raise ValueError(f"{len(rows) - len(ds)} evaluation prompts exceed data.max_prompt_len="
-                         f"{max_prompt_len}; raise it (evaluation never drops problems)")
+def prompt_batch(rows: Sequence[PromptRow], tokenizer: Any, max_prompt_len: int) -> Batch:
+    """Rows as a prompt batch; a prompt over max_prompt_len is an error (evaluation never drops)."""
+    ds = PromptDataset(rows, tokenizer, max_prompt_len=max_prompt_len, drop_long=False)
     return collate_prompts([ds[i] for i in range(len(ds))], pad_id=tokenizer.pad_token_id)
 
 

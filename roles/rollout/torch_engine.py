@@ -24,13 +24,15 @@ from typing import Iterable
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
-from roles.engine import Generation, SamplingParams, register_engine
+from roles.rollout.engine import Engine, EngineConfig, EngineContext, Generation, SamplingParams, register_engine
 
 logger = logging.getLogger(__name__)
 
 
+@register_engine("torch")
 @dataclass(kw_only=True, slots=True)
-class TorchEngineConfig:
+class TorchEngineConfig(EngineConfig):
+    name: str = "torch"
     static_cache: bool | None = None
     """Preallocated KV cache of fixed shape (transformers StaticCache) instead of a growing one;
     None: on CUDA only. Needed for compile."""
@@ -42,9 +44,12 @@ class TorchEngineConfig:
     up, to a multiple of this, so compiled shapes repeat across steps (torch.compile gives up
     after 8 shapes per function)."""
 
+    def build(self, ctx: EngineContext) -> TorchEngine:
+        return TorchEngine(ctx.policy(), pad_token_id=ctx.pad_token_id, device=ctx.device, dtype=ctx.dtype,
+                           options=self)
 
-@register_engine("torch")
-class TorchEngine:
+
+class TorchEngine(Engine):
     def __init__(self, model: PreTrainedModel, *, pad_token_id: int, device: torch.device,
                  dtype: torch.dtype = torch.float32, options: TorchEngineConfig | None = None) -> None:
         self.model = model.to(device=device, dtype=dtype).eval()
