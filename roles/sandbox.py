@@ -262,52 +262,24 @@ def _warn_weak(reason: str) -> None:
 def _run(program: str, cases: Sequence[Case], cfg: SandboxConfig, *, strong: bool,
          keep_going: Callable[[int, RunResult], bool] | None = None) -> SampleRun:
     start = time.monotonic()
-    hierarchy = sandbox_cgroup.cgroups()
-    group = (sandbox_cgroup.create(hierarchy, memory_bytes=cfg.memory_mb << 20,
-                                   max_processes=cfg.max_processes + _OWN_PROCESSES)
-             if hierarchy else None)
-    as_root = os.geteuid() == 0
-    with contextlib.ExitStack() as stack:
-        if group is not None:
-            stack.callback(group.remove)  # last: after every process is gone
+    with contextlib.ExitStack() as stack:  # unwinds in reverse: processes, then files, cgroup
+        group = _sample_cgroup(cfg, stack)
         if strong:
             workdir, python = WORKDIR, runtime(cfg.python).python
         else:
-            workdir = sandbox_weak.make_workdir((SANDBOX_UID, SANDBOX_GID) if as_root else None)
+            workdir = sandbox_weak.make_workdir((SANDBOX_UID, SANDBOX_GID) if _as_root() else None)
             stack.callback(sandbox_weak.remove_tree, workdir)
             python = os.path.realpath(shutil.which(cfg.python) or cfg.python)
         channel_r, channel_w = os.pipe()
         stack.callback(os.close, channel_r)
         spec = _spec(program, cases, cfg, workdir=workdir, python=python, channel_fd=channel_w,
-                     strong=strong, as_root=as_root, nproc_limit=group is None)
-        spec_f = stack.enter_context(tempfile.TemporaryFile())
-        spec_f.write(json.dumps(spec).encode())
-        spec_f.seek(0)
-        err_f = stack.enter_context(tempfile.TemporaryFile())
-        argv, passed, status_r = _command(cfg, python, strong=strong, as_root=as_root,
-                                          channel_w=channel_w, io_bytes=_io_bytes(cases, cfg))
-        procs_files = group.procs_files if group is not None else []
-        try:
-            proc = subprocess.Popen(
-                [*join_cgroups_prefix(procs_files), *argv], stdin=spec_f,
-                stdout=subprocess.DEVNULL, stderr=err_f, pass_fds=passed, env=_environment(),
-                cwd="/" if strong else workdir, start_new_session=True)
-        finally:
-            for fd in passed:
-                os.close(fd)
+                     strong=strong, nproc_limit=group is None)
+        proc, status_r, err_f = _launch(spec, cfg, stack, python=python, strong=strong,
+                                        channel_w=channel_w, group=group,
+                                        io_bytes=_io_bytes(cases, cfg))
         watch = stack.enter_context(Watch(proc, channel_r, status_r))
-        results: list[RunResult] = []
-
-        def on_report(report: dict[str, Any]) -> bool:
-            results.append(_result(report, steps=cases[len(results)].steps is not None))
-            return keep_going is None or keep_going(len(results) - 1, results[-1])
-
-        timed_out = watch.collect(start + cfg.wall_seconds, on_report, max_reports=len(cases),
-                                  line_cap=16 * cfg.max_output_bytes + (1 << 20))
+        results, timed_out = _collect(watch, cases, cfg, start + cfg.wall_seconds, keep_going)
         watch.end()
-        if timed_out and len(results) < len(cases):
-            results.append(RunResult(returncode=None, stdout="", stderr="", timed_out=True,
-                                     seconds=time.monotonic() - start, killed_by="wall"))
         if not watch.ready and not timed_out:
             err_f.seek(0)
             raise SandboxUnavailable(f"the sandbox did not start (exit {proc.returncode}): "
@@ -315,6 +287,61 @@ def _run(program: str, cases: Sequence[Case], cfg: SandboxConfig, *, strong: boo
         limits = group.stats() if group is not None else {}
     return SampleRun(results=tuple(results), timed_out=timed_out, seconds=time.monotonic() - start,
                      isolation=STRONG if strong else WEAK, limits=limits)
+
+
+def _as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _sample_cgroup(cfg: SandboxConfig,
+                   stack: contextlib.ExitStack) -> sandbox_cgroup.SampleCgroup | None:
+    hierarchy = sandbox_cgroup.cgroups()
+    if hierarchy is None:
+        return None
+    group = sandbox_cgroup.create(hierarchy, memory_bytes=cfg.memory_mb << 20,
+                                  max_processes=cfg.max_processes + _OWN_PROCESSES)
+    stack.callback(group.remove)
+    return group
+
+
+def _launch(spec: dict[str, Any], cfg: SandboxConfig, stack: contextlib.ExitStack, *,
+            python: str, strong: bool, channel_w: int,
+            group: sandbox_cgroup.SampleCgroup | None,
+            io_bytes: int) -> tuple[subprocess.Popen, int | None, Any]:
+    """Start the sandbox with the harness reading ``spec``: (process, status pipe, stderr)."""
+    spec_f = stack.enter_context(tempfile.TemporaryFile())
+    spec_f.write(json.dumps(spec).encode())
+    spec_f.seek(0)
+    err_f = stack.enter_context(tempfile.TemporaryFile())
+    argv, passed, status_r = _command(cfg, python, strong=strong, channel_w=channel_w,
+                                      io_bytes=io_bytes)
+    procs_files = group.procs_files if group is not None else []
+    try:
+        proc = subprocess.Popen(
+            [*join_cgroups_prefix(procs_files), *argv], stdin=spec_f, stdout=subprocess.DEVNULL,
+            stderr=err_f, pass_fds=passed, env=_environment(),
+            cwd="/" if strong else spec["workdir"], start_new_session=True)
+    finally:
+        for fd in passed:
+            os.close(fd)
+    return proc, status_r, err_f
+
+
+def _collect(watch: Watch, cases: Sequence[Case], cfg: SandboxConfig, deadline: float,
+             keep_going: Callable[[int, RunResult], bool] | None) -> tuple[list[RunResult], bool]:
+    """The cases' results as they come, until the last, a stop, or the deadline."""
+    results: list[RunResult] = []
+
+    def on_report(report: dict[str, Any]) -> bool:
+        results.append(_result(report, steps=cases[len(results)].steps is not None))
+        return keep_going is None or keep_going(len(results) - 1, results[-1])
+
+    timed_out = watch.collect(deadline, on_report, max_reports=len(cases),
+                              line_cap=16 * cfg.max_output_bytes + (1 << 20))
+    if timed_out and len(results) < len(cases):  # the case that was running
+        results.append(RunResult(returncode=None, stdout="", stderr="", timed_out=True,
+                                 seconds=0.0, killed_by="wall"))
+    return results, timed_out
 
 
 def _result(report: dict[str, Any], *, steps: bool) -> RunResult:
@@ -336,7 +363,7 @@ def _result(report: dict[str, Any], *, steps: bool) -> RunResult:
 
 
 def _spec(program: str, cases: Sequence[Case], cfg: SandboxConfig, *, workdir: str, python: str,
-          channel_fd: int, strong: bool, as_root: bool, nproc_limit: bool) -> dict[str, Any]:
+          channel_fd: int, strong: bool, nproc_limit: bool) -> dict[str, Any]:
     """What the harness needs, as JSON-able values (no expected value is ever among them)."""
     cpu = math.ceil(cfg.cpu_seconds)
     limits = {"RLIMIT_CPU": (cpu, cpu + 1), "RLIMIT_AS": (cfg.memory_mb << 20,) * 2,
@@ -350,7 +377,7 @@ def _spec(program: str, cases: Sequence[Case], cfg: SandboxConfig, *, workdir: s
         "cases": [{"stdin": c.stdin, "steps": None if c.steps is None else list(c.steps)}
                   for c in cases],
         "pythons": [python] if strong else [python, *_FALLBACK_PYTHONS],
-        "drop_to": (SANDBOX_UID, SANDBOX_GID) if as_root else None,
+        "drop_to": (SANDBOX_UID, SANDBOX_GID) if _as_root() else None,
         "pid_namespace": strong, "limits": limits, "max_output_bytes": cfg.max_output_bytes,
         "runner": RUNNER_SOURCE,
         "env": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
@@ -364,7 +391,7 @@ def _io_bytes(cases: Sequence[Case], cfg: SandboxConfig) -> int:
     return inputs + 3 * len(cases) * (cfg.file_size_mb << 20) + (1 << 20)
 
 
-def _command(cfg: SandboxConfig, python: str, *, strong: bool, as_root: bool, channel_w: int,
+def _command(cfg: SandboxConfig, python: str, *, strong: bool, channel_w: int,
              io_bytes: int) -> tuple[list[str], list[int], int | None]:
     """(argv, fds to pass, read end of bubblewrap's status pipe or None)."""
     harness = [python, "-I", "-S", "-c", HARNESS_SOURCE]
@@ -374,7 +401,7 @@ def _command(cfg: SandboxConfig, python: str, *, strong: bool, as_root: bool, ch
     seccomp_r, seccomp_w = os.pipe()
     with os.fdopen(seccomp_w, "wb") as f:  # a few hundred bytes: fits in the pipe buffer
         f.write(seccomp_filter())
-    args = bwrap_args(cfg.bwrap, runtime(cfg.python), as_root=as_root,
+    args = bwrap_args(cfg.bwrap, runtime(cfg.python), as_root=_as_root(),
                       disk_bytes=cfg.disk_mb << 20, io_bytes=io_bytes, seccomp_fd=seccomp_r,
                       status_fd=status_w)
     return [*args, "--", *harness], [channel_w, status_w, seccomp_r], status_r

@@ -17,8 +17,10 @@ Namespaces: mount, PID, network (only a loopback of its own), IPC, UTS, cgroup; 
 a user namespace mapping uid/gid 65534 to the caller (``--disable-userns``: no nested ones). As
 root there is no user namespace (bubblewrap would map the program to host root); instead the
 harness keeps only CAP_SETUID/CAP_SETGID/CAP_SETPCAP and drops itself to 65534:65534 on the host,
-with every capability set emptied, before any program runs. ``--die-with-parent`` ties the sandbox to the scoring process; ``--new-session``
-detaches it from any terminal; the seccomp filter is roles/sandbox_seccomp.py.
+with every capability set emptied, before any program runs. ``--die-with-parent`` ties the
+sandbox to the scoring process (to the thread that started it, so start sandboxes from a thread
+that outlives them); ``--new-session`` detaches it from any terminal; the seccomp filter is
+roles/sandbox_seccomp.py.
 """
 from __future__ import annotations
 

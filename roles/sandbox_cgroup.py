@@ -16,9 +16,10 @@ process that died (a scoring worker killed by the pool) is recognised by its nam
 by :func:`remove_orphans`.
 
 Where the controllers cannot be used (not root and nothing delegated, read-only cgroupfs, v2
-without the controllers available), :func:`cgroups` returns None and says why once in the log; the sandbox then limits
-memory per process only (RLIMIT_AS, RLIMIT_FSIZE per file, the tmpfs size) and processes through
-RLIMIT_NPROC inside the sample's own user namespace (see roles/sandbox.py).
+without the controllers available), :func:`cgroups` returns None and says why once in the log;
+the sandbox then limits memory per process only (RLIMIT_AS, RLIMIT_FSIZE per file, the tmpfs
+size) and processes through RLIMIT_NPROC inside the sample's own user namespace (see
+roles/sandbox.py).
 """
 from __future__ import annotations
 

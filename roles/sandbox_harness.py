@@ -13,16 +13,26 @@ them with what :func:`decode_values` rebuilds: plain built-in data only, so an o
 program's (an ``__eq__`` that always says True) never reaches a comparison. A program that forges
 the channel gains nothing: it would have to forge the right answers.
 
-Channel protocol (one JSON object per line, harness -> judge): ``{"started": pid}`` before each
-case (the judge kills these process groups in the weak mode, which has no PID namespace), then
-``{"status": wait_status, "stdout": str, "stderr": str, "seconds": float, "values": str|null}``.
+Channel protocol (one JSON object per line, harness -> judge): ``{"ready": true}`` once set up
+(before any program runs: a harness that dies later died at the program's hands, not the
+machine's), then per case ``{"started": pid}`` (the judge kills that process group in the weak
+mode, which has no PID namespace) and ``{"status": wait_status, "stdout": str, "stderr": str,
+"seconds": float, "values": str|null}``.
 """
 from __future__ import annotations
 
+import ctypes  # noqa: F401  (ctypes, os, resource, signal, sys, time, types: used by the
+# functions sent into the sandbox, which import them there)
 import inspect
 import json
 import math
+import os
+import resource  # noqa: F401
+import signal  # noqa: F401
+import sys
 import textwrap
+import time  # noqa: F401
+import types
 from dataclasses import dataclass
 from typing import Any
 
@@ -329,8 +339,8 @@ def _source(*functions: Any, imports: str, call: str) -> str:
 
 
 HARNESS_SOURCE = _source(
-    _harness_main, _harness_drop, _harness_case_files, _harness_case, _harness_exec, _harness_sweep, _harness_tmpfile,
-    _harness_read_all, _harness_read_capped, _harness_write_all,
+    _harness_main, _harness_drop, _harness_case_files, _harness_case, _harness_exec,
+    _harness_sweep, _harness_tmpfile, _harness_read_all, _harness_read_capped, _harness_write_all,
     imports="ctypes, json, os, resource, signal, sys, time", call="_harness_main()")
 """Source of the harness (``python -I -S -c``)."""
 RUNNER_SOURCE = _source(

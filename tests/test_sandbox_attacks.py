@@ -337,7 +337,7 @@ def _traversable_script(path: str) -> str:
 
 def _remove_delegated(dirs: list[Path]) -> None:
     for d in dirs:
-        for root, subdirs, _ in sorted(os.walk(d), key=lambda t: -t[0].count("/")):
+        for root, _, _ in sorted(os.walk(d), key=lambda t: -t[0].count("/")):
             for p in (Path(root) / "cgroup.procs").read_text().split():
                 with _suppress():
                     os.kill(int(p), 9)
@@ -502,9 +502,10 @@ ATTACKS = [
     Attack("kernel_surface", """
         import ctypes, os, platform, socket
         NR = {"x86_64": dict(io_uring_setup=425, unshare=272, add_key=248, bpf=321,
-                              perf_event_open=298, userfaultfd=323, ptrace=101),
-               "aarch64": dict(io_uring_setup=425, unshare=97, add_key=217, bpf=280,
-                               perf_event_open=241, userfaultfd=282, ptrace=117)}[platform.machine()]
+                             perf_event_open=298, userfaultfd=323, ptrace=101),
+              "aarch64": dict(io_uring_setup=425, unshare=97, add_key=217, bpf=280,
+                              perf_event_open=241, userfaultfd=282, ptrace=117)}
+        NR = NR[platform.machine()]
         opened = []
         for family, kind in ((40, socket.SOCK_STREAM), (16, socket.SOCK_RAW),
                              (17, socket.SOCK_RAW), (38, socket.SOCK_SEQPACKET),
@@ -518,7 +519,8 @@ ATTACKS = [
         calls = {"io_uring_setup": (NR["io_uring_setup"], 8, ctypes.create_string_buffer(128)),
                   "unshare": (NR["unshare"], 0x10000000 | 0x40000000),
                   "add_key": (NR["add_key"], b"user", b"k", b"v", 1, -4),
-                  "bpf": (NR["bpf"], 0, None, 0), "perf_event_open": (NR["perf_event_open"], None, 0, -1, -1, 0),
+                  "bpf": (NR["bpf"], 0, None, 0),
+                  "perf_event_open": (NR["perf_event_open"], None, 0, -1, -1, 0),
                   "userfaultfd": (NR["userfaultfd"], 0), "ptrace": (NR["ptrace"], 16, 1, 0, 0)}
         worked = [name for name, args in calls.items() if libc.syscall(*args) >= 0]
         print("ESCAPED" if opened or worked else f"refused: families, {sorted(calls)}")
