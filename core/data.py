@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -150,10 +151,14 @@ class PromptStream:
                                       shuffle=shuffle)
         # Its own generator: each `iter(loader)` draws a base seed, which must not come from the
         # global RNG (a resumed run would otherwise leave it a draw ahead of an uninterrupted one).
-        self.loader = StatefulDataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
-                                         drop_last=True, num_workers=0,
-                                         generator=torch.Generator().manual_seed(seed),
-                                         collate_fn=lambda items: collate_prompts(items, pad_id=pad_id))
+        with warnings.catch_warnings():
+            # torchdata's constructor calls torch.set_vital, deprecated since torch 2.13; nothing
+            # on our side can avoid it (torchdata 0.11 is the newest release)
+            warnings.filterwarnings("ignore", message=".*set_vital.*", category=UserWarning)
+            self.loader = StatefulDataLoader(dataset, batch_size=batch_size, sampler=self.sampler,
+                                             drop_last=True, num_workers=0,
+                                             generator=torch.Generator().manual_seed(seed),
+                                             collate_fn=lambda items: collate_prompts(items, pad_id=pad_id))
         self._it: Iterator[Batch] | None = None
 
     def __iter__(self) -> PromptStream:

@@ -14,6 +14,11 @@ from typing import Iterator
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
+# torch 2.13 renamed all_gather_into_tensor to all_gather_single (the old name now warns);
+# older releases (2.11, 2.12) have only the old name.
+_all_gather_single = (torch.distributed.all_gather_single if hasattr(torch.distributed, "all_gather_single")
+                      else torch.distributed.all_gather_into_tensor)
+
 
 def full_weight_buckets(model: torch.nn.Module, *, bucket_bytes: int,
                         dtype: torch.dtype | None = None, batched: bool = True
@@ -88,7 +93,7 @@ def _all_gather_dim0(params: list[tuple[str, DTensor]], dtype: torch.dtype) -> d
         send[offset:offset + local.numel()].copy_(local)  # copy_ casts to dtype
         offset += local.numel()
     recv = torch.empty(world * width, dtype=dtype, device=device)
-    torch.distributed.all_gather_into_tensor(recv, send, group=mesh.get_group())
+    _all_gather_single(recv, send, group=mesh.get_group())
     out, offsets = {}, [r * width for r in range(world)]
     for name, shape, row_numel, rows in layout:
         parts = []

@@ -49,6 +49,9 @@ def test_tiny_grpo_run_matches_golden_numbers(tmp_path):
     assert all(k in rows[1] for k in ("timing_s/generate", "timing_s/update_actor", "actor/lr",
                                       "reward/mean", "perf/tokens_per_s", "timing_s/step"))
     assert "step 3/3" in proc.stdout and "[rank0" in proc.stdout  # one rank-prefixed line per step
+    # a quiet console: no library warning from our calls (deprecated arguments, ...)
+    assert "Warning" not in proc.stdout + proc.stderr, [ln for ln in (proc.stdout + proc.stderr).splitlines()
+                                                        if "Warning" in ln]
     assert (out / "config.yaml").exists() and "flowchart" in (out / "graph.mmd").read_text()
     check_mlflow_run(out, rows)
     got = [{k: r[k] for k in GOLDEN_KEYS if k in r} for r in rows]

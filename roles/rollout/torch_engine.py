@@ -17,6 +17,7 @@ Greedy decoding (T = 0) reports log softmax(logits).
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Iterable
@@ -57,6 +58,10 @@ class TorchEngine(Engine):
         self.pad_token_id = pad_token_id
         self.device = device
         self._params = dict(self.model.named_parameters())
+        # transformers 5.2x renamed the forward's `past_key_values` to `cache` (the old name
+        # warns); 5.17 knows only the old one.
+        forward = inspect.signature(type(self.model).forward).parameters
+        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
         opts = options or TorchEngineConfig()
         self.opts = opts
         self.static = opts.compile or (opts.static_cache if opts.static_cache is not None
@@ -152,8 +157,9 @@ class TorchEngine(Engine):
                  cache: DynamicCache | StaticCache, cache_position: torch.Tensor | None = None
                  ) -> torch.Tensor:
         extra = {} if cache_position is None else {"cache_position": cache_position}
-        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos,
-                         past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+        extra[self._cache_kwarg] = cache
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                         logits_to_keep=1, **extra)
         return out.logits[:, -1].float()
 
     def _static_cache(self, n: int, length: int) -> tuple[StaticCache, int]:
