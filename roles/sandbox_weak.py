@@ -56,10 +56,17 @@ def remove_tree(path: str) -> None:
 
 
 def _open_dir(name: str, dir_fd: int) -> int:
-    fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
-    with contextlib.suppress(OSError):
-        os.fchmod(fd, stat.S_IRWXU)  # a 000 directory: make it listable and writable
-    return fd
+    """Open subdirectory ``name`` for listing, made 0700 first (a 000 directory cannot be
+    opened by its owner). Through an O_PATH descriptor, so that the chmod can never follow a
+    symlink swapped in for the directory."""
+    path_fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    try:
+        itself = f"/proc/self/fd/{path_fd}"
+        with contextlib.suppress(OSError):
+            os.chmod(itself, stat.S_IRWXU)
+        return os.open(itself, os.O_RDONLY | os.O_DIRECTORY)
+    finally:
+        os.close(path_fd)
 
 
 def _empty_files(dir_fd: int) -> str | None:

@@ -15,7 +15,8 @@ disk, processes, time). Three sides score them:
 
 After each attack: no process in another PID namespace (every sandbox process lives in one), no
 per-sample cgroup, no file of the sandbox on the host, shared memory back near where it was.
-Needs root (to make the unprivileged helper); skips otherwise, as does everything without a
+Run as root (CI), all three sides run. Run by an unprivileged user, this process is that user:
+the side matching its cgroups runs in-process and the others skip. Everything skips without a
 working bubblewrap.
 """
 from __future__ import annotations
@@ -46,8 +47,7 @@ HELPER_UID = 4242
 """A uid with no account: the throwaway unprivileged user of the ``user`` sides."""
 REPO = Path(__file__).resolve().parent.parent
 SECRET_ENV = "ROLEGRAPH_TRAINER_SECRET"
-pytestmark = [pytest.mark.timeout(300),
-              pytest.mark.skipif(not ROOT, reason="makes an unprivileged helper: needs root")]
+pytestmark = pytest.mark.timeout(300)
 
 # Small limits keep the suite short; the same code paths as the defaults.
 LIMITS = dict(wall_seconds=2.0, cpu_seconds=2.0, memory_mb=256, disk_mb=32, file_size_mb=16,
@@ -195,6 +195,8 @@ class Side:
     """Where the scorer runs: :meth:`call` takes a request (see :func:`handle`)."""
 
     name: str
+    host_uid: int
+    """The uid the program runs as on the host."""
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
@@ -210,7 +212,9 @@ class Side:
 
 
 class InProcess(Side):
-    name = "root"
+    def __init__(self, name: str = "root") -> None:
+        self.name = name
+        self.host_uid = 65534 if ROOT else os.getuid()
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
         return handle(request, _REWARDS)
@@ -223,7 +227,7 @@ class AsUser(Side):
     """The helper: ``python -c 'serve()'`` as uid 4242 (see :func:`start_helper`)."""
 
     def __init__(self, name: str, proc: subprocess.Popen) -> None:
-        self.name, self.proc = name, proc
+        self.name, self.proc, self.host_uid = name, proc, HELPER_UID
 
     def call(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -360,14 +364,19 @@ class _suppress:
 @pytest.fixture(scope="module", params=["root", "user", "user-nocgroup"])
 def side(request, host) -> Iterator[Side]:
     from roles.sandbox import SandboxConfig, SandboxUnavailable, isolation
+    from roles.sandbox_cgroup import cgroups
     try:
         isolation(SandboxConfig())
     except SandboxUnavailable as e:
         pytest.skip(str(e))
-    if request.param == "root":
+    if not ROOT:  # this process is the unprivileged user: one side, in-process
+        mine = "user" if cgroups() is not None else "user-nocgroup"
+        if request.param != mine:
+            pytest.skip(f"as uid {os.getuid()} only the {mine!r} side runs (in this process)")
+    if request.param == "root" or not ROOT:
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(SECRET_ENV, host.secret)
-            yield InProcess()
+            yield InProcess(request.param)
         return
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent",
            "LANG": "C.UTF-8", SECRET_ENV: host.secret, "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -743,8 +752,7 @@ def test_program_never_runs_as_the_callers_uid_on_the_host(side: Side):
     finally:
         done.set()
         watcher.join()
-    expected = 65534 if side.name == "root" else HELPER_UID
-    assert seen and set(seen.values()) == {(expected, expected)}
+    assert seen and set(seen.values()) == {(side.host_uid, side.host_uid)}
 
 
 def test_limits_are_per_sample_and_reported(side: Side):
