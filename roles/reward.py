@@ -67,7 +67,8 @@ class Reward:
         code_scorer.configure(cfg.sandbox)
         if "code" in names:
             isolation(cfg.sandbox)  # no sandbox here: fail now, naming the missing piece
-        wall = cfg.wall_timeout_s or 2 * cfg.timeout_s + cfg.sandbox.wall_seconds
+        wall = (2 * cfg.timeout_s + cfg.sandbox.wall_seconds if cfg.wall_timeout_s is None
+                else cfg.wall_timeout_s)
         self._pool = (ScoringPool(cfg.workers, cfg.timeout_s, wall_timeout_s=wall,
                                   sandbox=cfg.sandbox) if cfg.workers > 0 else None)
 
@@ -149,6 +150,10 @@ class ScoringPool:
 
     def __init__(self, workers: int, timeout_s: float, *, wall_timeout_s: float,
                  sandbox: SandboxConfig | None = None) -> None:
+        for name, value in (("workers", workers), ("timeout_s", timeout_s),
+                            ("wall_timeout_s", wall_timeout_s)):
+            if not value > 0:
+                raise ValueError(f"reward.{name} must be > 0 for a scoring pool, got {value!r}")
         self.workers, self.timeout_s, self.wall_timeout_s = workers, timeout_s, wall_timeout_s
         self.sandbox = sandbox or SandboxConfig()
         self._live: list[_Worker] = []

@@ -104,6 +104,12 @@ def test_math_scorer_in_workers_on_real_answers():
         reward._pool.close()
 
 
+@pytest.mark.parametrize("key, value", [("timeout_s", -1.0), ("wall_timeout_s", -5.0)])
+def test_pool_limits_must_be_positive(key, value):
+    with pytest.raises(ValueError, match=f"reward.{key} must be > 0"):
+        Reward(Reward.Config(workers=2, **{key: value}))
+
+
 def test_unknown_scorer_fails_at_start_up():
     with pytest.raises(ValueError, match="valid names"):
         Reward(Reward.Config(scorer="maths"))
