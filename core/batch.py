@@ -204,7 +204,7 @@ class Batch:
         for b in batches[1:]:
             if set(b.fields) != set(names):
                 raise ValueError(f"cannot concatenate batches with fields {names} and {b.fields}")
-        out = {}
+        out: dict[str, Any] = {}
         for name in names:
             spec = FIELDS[name]
             values = [b[name] for b in batches]

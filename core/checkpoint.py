@@ -31,8 +31,12 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.checkpoint.stateful import Stateful
 
 from core import dist
@@ -73,7 +77,7 @@ class ShardedState(Stateful):
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
     if torch.cuda.is_available():
@@ -90,6 +94,12 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _step_of(path: Path) -> int:
+    match = _STEP_DIR.match(path.name)
+    assert match is not None, path
+    return int(match.group(1))
+
+
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, output_dir: str | Path) -> None:
         self.cfg = cfg
@@ -100,7 +110,7 @@ class Checkpointer:
         if not self.root.is_dir():
             return []
         found = [p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / "meta.json").exists()]
-        return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+        return sorted(found, key=_step_of)
 
     def resolve(self, resume: str) -> Path | None:
         """The checkpoint `run.resume` asks for: "auto" (newest, if any), "never", or a path."""

@@ -34,7 +34,7 @@ import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeGuard, TypeVar
 
 import yaml
 
@@ -64,6 +64,7 @@ class Slot:
     variant is a subclass of the slot's base class with its own defaults."""
 
     __slots__ = ()
+    name: str
 
     @classmethod
     def variant(cls, name: str) -> type:
@@ -173,7 +174,7 @@ def _default(f: dataclasses.Field) -> Any:
     return dataclasses.MISSING
 
 
-def _is_slot(tp: Any) -> bool:
+def _is_slot(tp: Any) -> TypeGuard[type[Slot]]:
     return isinstance(tp, type) and issubclass(tp, Slot)
 
 
@@ -343,12 +344,14 @@ def _drop_switched_slots(cls: type, file_data: Any, data: dict[str, Any],
             _drop_switched_slots(variant, in_file, data[name], overrides, path)
 
 
-def _slot_name(section: Any, default: Any, tp: type) -> str:
+def _slot_name(section: Any, default: Any, tp: type[Slot]) -> str:
     if isinstance(section, str):
         return section
     if isinstance(section, Mapping) and "name" in section:
         return section["name"]
-    return default.name if isinstance(default, tp) else _default(_init_fields(tp)["name"])
+    if isinstance(default, Slot):
+        return default.name
+    return _default(_init_fields(tp)["name"])
 
 
 def _flat_keys(tree: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -254,6 +254,7 @@ def read_rows(path: str | Path, parse: Callable[[dict, int], Any], *, what: str)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
+    records: Iterator[tuple[int, Any]]
     if path.suffix == ".parquet":
         records = enumerate(pq.read_table(path).to_pylist(), 1)
         where = "row "

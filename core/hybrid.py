@@ -3,9 +3,10 @@
 TRAIN -> GENERATE: on CUDA the optimizer states go to CPU (core/offload.py); if the actor
 stepped since the last sync (or the engine dropped its weights while asleep), its weights stream
 from the FSDP2 shards into the rollout engine bucket by bucket (core/reshard.py); then, if so
-configured, the parameters go to CPU too; last the engine wakes (its KV cache comes back). GENERATE -> TRAIN: the engine sleeps (SGLang releases its memory) and training
-state comes back. Every switch is timed; every sync reports bytes, seconds
-and GB/s, under `reshard/*`, and peak device memory of each phase under `memory/*` (CUDA only).
+configured, the parameters go to CPU too; last the engine wakes (its KV cache comes back).
+GENERATE -> TRAIN: the engine sleeps (SGLang releases its memory) and training state comes back.
+Every switch is timed; every sync reports bytes, seconds and GB/s, under `reshard/*`, and peak
+device memory of each phase under `memory/*` (CUDA only).
 """
 from __future__ import annotations
 

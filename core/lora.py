@@ -16,7 +16,7 @@ is enabled.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -44,7 +44,7 @@ def _peft():
     return peft
 
 
-def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
+def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> Any:
     """The model with frozen base weights and trainable adapters (deterministic init: peft's
     lora_B starts at zero, lora_A draws from the global RNG, so seed before calling)."""
     peft = _peft()

@@ -201,7 +201,8 @@ Precision = Literal["float32", "bfloat16", "float16"]
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Full (unsharded) CPU tensors of an FSDP2 or plain model, on every rank (collective)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def save_hf_folder(model: torch.nn.Module, tokenizer, path: str | Path, *, is_main: bool,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from core import dist
 from core.batch import Batch, GlobalCounts, global_counts
@@ -63,7 +64,7 @@ class TrainState:
         self.cfg = cfg
         # Only trainable parameters get optimizer state (frozen LoRA base weights do not).
         params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas),
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(cfg, total_steps * cfg.mini_batches * cfg.epochs))
@@ -95,7 +96,7 @@ class TrainState:
                 sums["grad_norm"] += self.step()
                 n_opt += 1
         out = {k: v / n_opt for k, v in sums.items()}
-        out["lr"] = self.scheduler.get_last_lr()[0]
+        out["lr"] = float(self.scheduler.get_last_lr()[0])
         out["skipped_steps"] = float(self.skipped_steps)
         return out
 
@@ -116,10 +117,10 @@ class TrainState:
     def step(self) -> float:
         """Clip, step (unless the gradient norm is not finite), advance the schedule."""
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        norm = float(norm)
+        norm_t = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if isinstance(norm_t, DTensor):
+            norm_t = norm_t.full_tensor()
+        norm = float(norm_t)
         if math.isfinite(norm):
             self.optimizer.step()
             self.version += 1

@@ -118,7 +118,7 @@ def held_out_nll(model: torch.nn.Module, examples: Sequence[SFTExample], *, max_
                  loss_mask=torch.zeros((1, 2), dtype=torch.long))
     loss, total = PackedNLL(model), torch.zeros((), dtype=torch.float64)
     for k in range(forwards):
-        if k < mine:
+        if rows is not None and k < mine:
             start = k * rows_per_forward
             mb = rows.select(range(start, min(start + rows_per_forward, len(rows))))
         else:

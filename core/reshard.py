@@ -9,7 +9,7 @@ once the engine has copied it, so peak extra memory is about one bucket, not one
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, TypeGuard
 
 import torch
 from torch.distributed.tensor import DTensor, Shard
@@ -47,7 +47,7 @@ def full_weight_buckets(model: torch.nn.Module, *, bucket_bytes: int,
 def _gather_bucket(params: list[tuple[str, torch.Tensor]], dtype: torch.dtype | None,
                    batched: bool) -> list[tuple[str, torch.Tensor]]:
     out: dict[str, torch.Tensor] = {}
-    together = [(n, p) for n, p in params if batched and _dim0_sharded(p)]
+    together: list[tuple[str, DTensor]] = [(n, p) for n, p in params if batched and _dim0_sharded(p)]
     if together and len({p.device_mesh for _, p in together}) == 1 and \
             len({dtype or p.dtype for _, p in together}) == 1:
         out.update(_all_gather_dim0(together, dtype or together[0][1].dtype))
@@ -58,7 +58,7 @@ def _gather_bucket(params: list[tuple[str, torch.Tensor]], dtype: torch.dtype | 
     return [(name, out[name]) for name, _ in params]
 
 
-def _dim0_sharded(p: torch.Tensor) -> bool:
+def _dim0_sharded(p: torch.Tensor) -> TypeGuard[DTensor]:
     return (isinstance(p, DTensor) and p.device_mesh.ndim == 1 and len(p.placements) == 1
             and isinstance(p.placements[0], Shard) and p.placements[0].dim == 0)
 

@@ -2,11 +2,12 @@
 
 Only the main process talks to MLflow; on other ranks, or with ``tracking.enabled=false``, the
 ``Tracker`` has the same API and does nothing, and mlflow is never imported (it lives behind
-``core/mlflow_store.py``), so a minimal environment trains with tracking off. A tracking error never stops training: the call
-logs a warning and returns, and after ``max_failures`` failed calls in a row the tracker turns
-itself off for the rest of the run (a dead server would otherwise stall every step: MLflow's
-HTTP client retries a request for about 4 minutes by default). A store that cannot be opened at
-start is handled the same way: warning, tracking off, training goes on.
+``core/mlflow_store.py``), so a minimal environment trains with tracking off. A tracking error
+never stops training: the call logs a warning and returns, and after ``max_failures`` failed
+calls in a row the tracker turns itself off for the rest of the run (a dead server would
+otherwise stall every step: MLflow's HTTP client retries a request for about 4 minutes by
+default). A store that cannot be opened at start is handled the same way: warning, tracking
+off, training goes on.
 
 Where things go
     store       ``tracking_uri``; else ``$MLFLOW_TRACKING_URI``; else the local default, a sqlite
@@ -157,6 +158,12 @@ class Tracker:
             self._open(Path(output_dir).resolve(), resume_run_id)
 
     @property
+    def _live(self) -> MlflowStore:
+        """The open store, inside a method that `_guarded` runs only when there is one."""
+        assert self._store is not None
+        return self._store
+
+    @property
     def active(self) -> bool:
         """Whether calls reach MLflow (False on other ranks, when disabled, after an outage)."""
         return self._store is not None
@@ -169,7 +176,7 @@ class Tracker:
     @_guarded
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log a flat mapping (``flatten(cfg)``) as params, skipping ones already logged."""
-        logged = self._store.params()  # not empty on a resumed run
+        logged = self._live.params()  # not empty on a resumed run
         new = {valid_key(k): _clip(_param_value(v), _MAX_PARAM_LENGTH) for k, v in params.items()}
         changed = {k: v for k, v in new.items() if k in logged and logged[k] != v}
         if changed:
@@ -178,7 +185,7 @@ class Tracker:
             self.set_tags({f"param_changed/{k}": v for k, v in changed.items()})
         fresh = [(k, v) for k, v in new.items() if k not in logged]
         for chunk in _chunks(fresh, _MAX_PARAMS_TAGS_PER_BATCH):
-            self._store.log_params(dict(chunk))
+            self._live.log_params(dict(chunk))
 
     @_guarded
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -186,12 +193,12 @@ class Tracker:
         now_ms = int(time.time() * 1000)
         batch = [(valid_key(k), float(v)) for k, v in metrics.items() if isinstance(v, numbers.Real)]
         for chunk in _chunks(batch, _MAX_METRICS_PER_BATCH):
-            self._store.log_metrics(chunk, step=int(step), timestamp_ms=now_ms)
+            self._live.log_metrics(chunk, step=int(step), timestamp_ms=now_ms)
 
     @_guarded
     def log_text(self, text: str, artifact_file: str) -> None:
         """Store ``text`` as the artifact ``artifact_file`` (e.g. "config.yaml", "graph.mmd")."""
-        self._store.log_text(text, artifact_file)
+        self._live.log_text(text, artifact_file)
 
     @_guarded
     def log_samples(self, rows: Sequence[Mapping[str, Any]], step: int) -> None:
@@ -200,19 +207,19 @@ class Tracker:
         if not rows:
             return
         self._trim_tables_tag()
-        self._store.log_table(_columns(rows), f"samples/step_{step:06d}.json")
+        self._live.log_table(_columns(rows), f"samples/step_{step:06d}.json")
 
     @_guarded
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a file, or a folder's contents, into the artifacts (under ``artifact_path``)."""
-        self._store.log_artifact(Path(local_path), artifact_path)
+        self._live.log_artifact(Path(local_path), artifact_path)
 
     @_guarded
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set run tags (mutable, unlike params), e.g. ``{"checkpoint/latest": path}``."""
         batch = [(valid_key(k), _clip(str(v), _MAX_TAG_LENGTH)) for k, v in tags.items()]
         for chunk in _chunks(batch, _MAX_PARAMS_TAGS_PER_BATCH):
-            self._store.set_tags(dict(chunk))
+            self._live.set_tags(dict(chunk))
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with ``status``; later calls do nothing."""
@@ -232,13 +239,13 @@ class Tracker:
 
     @_guarded
     def _terminate(self, status: str) -> None:
-        self._store.terminate(status)
+        self._live.terminate(status)
 
     def _open(self, output_dir: Path, resume_run_id: str | None) -> None:
         try:
             self.tracking_uri = resolve_tracking_uri(self.cfg, output_dir)
             self._store = _open_store(self.cfg, self.tracking_uri, output_dir, resume_run_id)
-            self.run_id = self._store.run_id
+            self.run_id = self._live.run_id
         except Exception as e:  # no store, no tracking; training goes on
             logger.warning("MLflow tracking off: cannot open a run in %s: %s: %s",
                            self.tracking_uri, type(e).__name__, _short(e))
@@ -258,15 +265,15 @@ class Tracker:
 
     def _trim_tables_tag(self) -> None:
         """Keep the tag listing this run's tables short enough for ``log_table`` to parse it."""
-        raw = self._store.tag(_TABLES_TAG, "[]")
+        raw = self._live.tag(_TABLES_TAG, "[]")
         try:
             tables = json.loads(raw)
         except json.JSONDecodeError:  # already cut by MLflow at 8000 characters
-            self._store.set_tag(_TABLES_TAG, "[]")
+            self._live.set_tag(_TABLES_TAG, "[]")
             return
         if len(tables) >= _MAX_TABLES_IN_TAG:
             keep = tables[-(_MAX_TABLES_IN_TAG - 1):]
-            self._store.set_tag(_TABLES_TAG, json.dumps(keep))
+            self._live.set_tag(_TABLES_TAG, json.dumps(keep))
 
 
 def _open_store(cfg: TrackingConfig, uri: str, output_dir: Path, resume_run_id: str | None) -> MlflowStore:

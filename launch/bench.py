@@ -88,7 +88,7 @@ def peak_tflops(cfg: BenchOptions, device: torch.device) -> float | None:
 
 
 def summarize(rows: list[dict[str, float]], *, n_params: int, world: int, epochs: int,
-              peak: float | None) -> dict[str, float]:
+              peak: float | None) -> dict[str, Any]:
     """Means over the measured steps of the numbers the breakdown prints."""
     def mean(key: str) -> float | None:
         vals = [r[key] for r in rows if key in r]
@@ -96,13 +96,13 @@ def summarize(rows: list[dict[str, float]], *, n_params: int, world: int, epochs
 
     gen_s, upd_s = mean("timing_s/generate"), mean("timing_s/update_actor")
     resp, prompt = mean("perf/response_tokens"), mean("perf/prompt_tokens")
-    out = {"step_s": mean("timing_s/step"), "generate_s": gen_s, "update_actor_s": upd_s,
+    out: dict[str, Any] = {"step_s": mean("timing_s/step"), "generate_s": gen_s, "update_actor_s": upd_s,
            "response_tokens": resp, "prompt_tokens": prompt, "world_size": float(world),
            "params": float(n_params)}
-    if gen_s:
+    if gen_s and resp is not None:
         out["generate_tokens_per_s"] = resp / gen_s
         out["generate_tokens_per_s_per_device"] = resp / gen_s / world
-    if upd_s:
+    if upd_s and resp is not None and prompt is not None:
         tokens = (resp + prompt) * epochs
         out["train_tokens_per_s"] = tokens / upd_s
         out["train_tokens_per_s_per_device"] = tokens / upd_s / world
@@ -115,7 +115,7 @@ def summarize(rows: list[dict[str, float]], *, n_params: int, world: int, epochs
     return out
 
 
-def table(s: dict[str, float]) -> str:
+def table(s: dict[str, Any]) -> str:
     def f(key: str, fmt: str, unit: str = "") -> str:
         return (fmt.format(s[key]) + unit) if s.get(key) is not None else "n/a"
     lines = [
@@ -135,7 +135,7 @@ def table(s: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def bench(cfg: BenchConfig) -> dict[str, float]:
+def bench(cfg: BenchConfig) -> dict[str, Any]:
     cfg = prepare(cfg)
     info = dist.info()
     job = build_job(cfg)
@@ -186,7 +186,7 @@ def compare_sync(model: torch.nn.Module, cfg: BenchConfig, device: torch.device)
             "sync_compare/per_param_s": per_param, "sync_compare/speedup": per_param / per_bucket}
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return run_entry(BenchConfig, bench, argv, before_init=lambda cfg: cfg.rollout.engine.prepare_process())
 
 

@@ -120,7 +120,7 @@ def build_policy(model: ModelConfig, *, vocab: int, seed: int, param_dtype: str,
                  lora: LoraConfig | None = None) -> torch.nn.Module:
     """A trained (or reference) policy: the model, LoRA adapters if asked, FSDP2 over every
     process, on this process's device. Seeded: every rank builds identical weights."""
-    module = build_model(model, vocab_size=vocab, seed=seed)
+    module: torch.nn.Module = build_model(model, vocab_size=vocab, seed=seed)
     if lora is not None and lora.enabled:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -136,17 +136,17 @@ def value_model(cfg: JobConfig, vocab: int) -> ValueModel:
     model = ValueModel(build_model(source, vocab_size=vocab, seed=cfg.run.seed),
                        head_init_std=cfg.critic.head_init_std, seed=cfg.run.seed)
     param_dtype = dtype_of(cfg.critic.param_dtype)
-    model = shard_model(model, dist.mesh(), param_dtype=None if param_dtype == torch.float32 else param_dtype)
+    shard_model(model, dist.mesh(), param_dtype=None if param_dtype == torch.float32 else param_dtype)  # in place
     return model.to(dist.info().device)
 
 
 def load_prompts(cfg: JobConfig, tokenizer: Any) -> Task:
     """Training and held-out rows: from JSONL files when given, else the built-in task."""
     task = build_task(cfg.data.task) if not (cfg.data.train_files and cfg.data.eval_files) else None
-    train = ([r for f in cfg.data.train_files for r in read_prompts(f, cfg.data.format, tokenizer)]
-             if cfg.data.train_files else task.train)
-    held_out = ([r for f in cfg.data.eval_files for r in read_prompts(f, cfg.data.format, tokenizer)]
-                if cfg.data.eval_files else task.eval)
+    train = [r for f in cfg.data.train_files for r in read_prompts(f, cfg.data.format, tokenizer)]
+    held_out = [r for f in cfg.data.eval_files for r in read_prompts(f, cfg.data.format, tokenizer)]
+    if task is not None:
+        train, held_out = train or task.train, held_out or task.eval
     return Task(cfg=cfg.data.task, train=train, eval=held_out)
 
 

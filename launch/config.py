@@ -15,8 +15,8 @@ from core.checkpoint import CheckpointConfig
 from core.curriculum import CurriculumConfig
 from core.data import PromptFormat
 from core.hybrid import HybridConfig
-from core.tracking import TrackingConfig
 from core.models import ModelConfig
+from core.tracking import TrackingConfig
 from launch.tasks import TaskConfig
 from roles.actor import Actor
 from roles.critic import Critic

@@ -3,14 +3,33 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Protocol, Sequence, TypeVar
 
 import torch
 
 from core import dist
 from core.config import load_config, parse_cli, to_yaml
 
-C = TypeVar("C")
+
+class _RunSection(Protocol):
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def seed(self) -> int: ...
+
+    @property
+    def log_level(self) -> str: ...
+
+
+class EntrySchema(Protocol):
+    """What the entry shell reads of any launcher's config: its `run` section."""
+
+    @property
+    def run(self) -> _RunSection: ...
+
+
+C = TypeVar("C", bound=EntrySchema)
 R = TypeVar("R")
 logger = logging.getLogger("launch")
 

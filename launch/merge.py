@@ -25,8 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from core.config import load_config, parse_cli, to_yaml
 from core import dist
+from core.config import load_config, parse_cli, to_yaml
 
 logger = logging.getLogger("launch.merge")
 
@@ -81,11 +81,11 @@ def merge(cfg: MergeConfig) -> Path:
     if cfg.method == "task_arithmetic" and not cfg.base:
         raise ValueError("method=task_arithmetic needs base=<folder>")
     inputs = [Weights(m) for m in cfg.models]
-    base = Weights(cfg.base) if cfg.method == "task_arithmetic" else None
+    base = Weights(cfg.base) if cfg.method == "task_arithmetic" and cfg.base else None
     names = inputs[0].names()
-    for w in inputs[1:] + ([base] if base else []):
-        if set(w.names()) != set(names):
-            raise ValueError(f"{w.folder} has different tensors than {inputs[0].folder}: not the same architecture")
+    for other in inputs[1:] + ([base] if base else []):
+        if set(other.names()) != set(names):
+            raise ValueError(f"{other.folder} has different tensors than {inputs[0].folder}: not the same architecture")
     merged: dict[str, torch.Tensor] = {}
     for name in names:
         first = inputs[0].get(name)
@@ -106,7 +106,8 @@ def _write(cfg: MergeConfig, merged: dict[str, torch.Tensor], template: Path) ->
     out.mkdir(parents=True, exist_ok=True)
     save_file(merged, out / "model.safetensors", metadata={"format": "pt"})
     for f in template.iterdir():
-        if f.is_file() and not f.name.startswith("model.safetensors") and f.suffix in (".json", ".txt", ".model", ".jinja"):
+        tokenizer_or_config = f.suffix in (".json", ".txt", ".model", ".jinja")
+        if f.is_file() and not f.name.startswith("model.safetensors") and tokenizer_or_config:
             shutil.copy(f, out / f.name)
     (out / "merge.yaml").write_text(to_yaml(cfg))
     logger.info("merged %d models (%s) into %s", len(cfg.models), cfg.method, out)

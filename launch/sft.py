@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from core import dist
-from core.data import ShardedSampler, read_prompts, read_sft_pairs, shard_rows
+from core.data import PromptRow, ShardedSampler, read_prompts, read_sft_pairs, shard_rows
 from core.hybrid import HybridConfig, HybridEngine
 from core.lora import LoraConfig
 from core.models import ModelConfig, dtype_of, load_tokenizer, save_hf_folder
@@ -99,7 +99,7 @@ class ExampleSource:
         self._it = iter(self.sampler)
 
     def _indices(self) -> list[int]:
-        out = []
+        out: list[int] = []
         while len(out) < self.per_rank:
             try:
                 out.append(next(self._it))
@@ -121,6 +121,7 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
     info = dist.info()
     tokenizer = load_tokenizer(cfg.model) or char_tokenizer()
     source = ExampleSource(cfg, tokenizer, rank=info.rank, world_size=info.world_size)
+    held_out: list[PromptRow] | None
     if cfg.data.eval_files:
         held_out = [r for f in cfg.data.eval_files for r in read_prompts(f, cfg.data.format, tokenizer)]
     else:  # the task's split; none when training on files (evaluate benchmarks with launch.eval)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from core.checkpoint import rng_state, set_rng_state
+from core.curriculum import CurriculumStream
 from launch.build import Job
 
 
@@ -29,7 +30,7 @@ def load_local_state(job: Job, state: dict[str, Any]) -> None:
     for name, role in job.roles.named().items():
         role.load_state_dict(state["roles"][name])
     set_rng_state(state["rng"])
-    if "stage" in state["stream"]:
+    if isinstance(job.stream, CurriculumStream):
         job.stream.set_stage(state["stream"]["stage"])
     if state["same_world"]:
         job.stream.load_state_dict(state["stream"])

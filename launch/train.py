@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from core import dist
 from core.batch import Batch
@@ -87,10 +87,10 @@ class Trainer:
         t0 = time.perf_counter()
         stage_metrics = self._enter_curriculum_stage(step) if step is not None else {}
         prompts = next(j.stream).to(dist.info().device)
-        batch, step = graph.run(prompts, order=self.orders[graph.name], enter_phase=j.hybrid.enter)
+        batch, ran = graph.run(prompts, order=self.orders[graph.name], enter_phase=j.hybrid.enter)
         world = dist.info().world_size
-        metrics = {k: v / world for k, v in dist.all_reduce_scalars(step.metrics).items()}
-        metrics.update(dist.all_reduce_scalars(step.counts))
+        metrics = {k: v / world for k, v in dist.all_reduce_scalars(ran.metrics).items()}
+        metrics.update(dist.all_reduce_scalars(ran.counts))
         metrics.update(batch_metrics(batch))
         metrics["timing_s/step"] = time.perf_counter() - t0
         metrics["perf/tokens_per_s"] = metrics["perf/response_tokens"] / metrics["timing_s/step"]
@@ -143,7 +143,7 @@ class Trainer:
                     metrics.update(self.run_eval())
                 metrics["timing_s/elapsed"] = time.perf_counter() - t_start
                 self._record(step, metrics)
-                if self.tracker.should_log_samples(step):
+                if self.last_batch is not None and self.tracker.should_log_samples(step):
                     self.tracker.log_samples(sample_rows(self.last_batch, self.tracker.cfg.samples_per_log), step)
                 last = step == cfg.run.steps or step == cfg.run.stop_after
                 if last or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
@@ -167,7 +167,8 @@ class Trainer:
         policy (step 0) and run the algorithm's stages (returns 0)."""
         path = self.checkpointer.resolve(self.cfg.run.resume)
         graph = {"graph.mmd": "\n\n".join(g.to_mermaid(PROMPT_FIELDS) for g in self.job.plan.graphs()) + "\n"}
-        meta = local = None
+        meta: dict[str, Any] | None = None
+        local: dict[str, Any] = {}
         if path is not None:
             local, meta = self.checkpointer.load(path, sharded=sharded_state(self.job))
         self.log.start(self.cfg, resume_step=meta["step"] if meta else None, files=graph)
@@ -193,7 +194,7 @@ class Trainer:
                                             "tracking_run_id": self.tracker.run_id})
         self.tracker.set_tags({"checkpoint/latest": str(path.resolve()), "checkpoint/step": str(step)})
 
-    def _record(self, step: int, metrics: dict[str, float]) -> None:
+    def _record(self, step: int, metrics: Mapping[str, Any]) -> None:
         self.log.record(step, metrics)
 
     def _summary(self, seconds: float) -> None:

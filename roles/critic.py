@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from core import dist
 from core.batch import Batch, GlobalCounts, loss_mask, model_inputs
@@ -32,9 +33,9 @@ class ValueLossFn(Protocol):
 class ValueModel(nn.Module):
     """A causal LM's backbone (its LM head dropped) and a linear head to one scalar per token."""
 
-    def __init__(self, causal_lm: nn.Module, *, head_init_std: float, seed: int) -> None:
+    def __init__(self, causal_lm: PreTrainedModel, *, head_init_std: float, seed: int) -> None:
         super().__init__()
-        self.backbone = causal_lm.base_model
+        self.backbone: Any = causal_lm.base_model  # an HF decoder (returns last_hidden_state)
         self.config = causal_lm.config
         self.head = nn.Linear(causal_lm.config.hidden_size, 1)
         with torch.random.fork_rng(devices=[]):

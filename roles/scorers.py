@@ -60,7 +60,7 @@ def last_boxed(text: str) -> str | None:
     no box or the last one is unbalanced (e.g. a generation cut off inside the answer).
     """
     last = None
-    for last in _BOX_RE.finditer(text):
+    for last in _BOX_RE.finditer(text):  # noqa: B007  (the loop only finds the last match)
         pass
     if last is None:
         return None

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable
 
 import torch
+from transformers import PreTrainedModel
 
 from core.config import Slot
 from core.registry import Registry
@@ -51,16 +52,17 @@ class Generation:
     finish_reason: list[str]     # N x ("stop" | "length")
 
 
-class Engine(Protocol):
-    """What the rollout role and the hybrid engine call. Engines subclass this explicitly, so
-    the no-op defaults below are theirs unless they override them."""
+class Engine:
+    """What the rollout role and the hybrid engine call: the base of every engine, so the no-op
+    defaults below are an engine's unless it overrides them."""
 
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                 sampling: SamplingParams) -> Generation: ...
+                 sampling: SamplingParams) -> Generation:
+        raise NotImplementedError
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy (name, full tensor) pairs into the engine; returns the bytes received."""
-        ...
+        raise NotImplementedError
 
     def begin_weight_update(self) -> None:
         """Before a sync's first bucket (SGLang: its weight memory comes back)."""
@@ -86,7 +88,7 @@ class Engine(Protocol):
 @dataclass(frozen=True, slots=True)
 class EngineContext:
     """What an engine is built from, besides its own config."""
-    policy: Callable[[], torch.nn.Module]
+    policy: Callable[[], PreTrainedModel]
     """Builds the engine's own full copy of the policy (engines that load model_path ignore it)."""
     model_path: str | None
     pad_token_id: int

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
+from transformers import PreTrainedModel
 
 from core.batch import Batch
 from core.graph import Phase
@@ -55,7 +56,7 @@ class Rollout:
         keeps the value it was given)."""
 
     @classmethod
-    def build(cls, cfg: Config, *, policy: Callable[[], torch.nn.Module], tokenizer: Any,
+    def build(cls, cfg: Config, *, policy: Callable[[], PreTrainedModel], tokenizer: Any,
               device: torch.device, seed: int, rank: int, dtype: torch.dtype,
               model_path: str | None = None) -> Rollout:
         """The configured engine: `policy()` builds its own copy of the policy where the engine

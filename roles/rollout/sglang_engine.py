@@ -16,9 +16,10 @@ Weights: full tensors (core/reshard.py; SGLang slices them itself for its TP wor
 `update_weights_from_tensor` bucket by bucket, one flattened bucket per call
 (load_format="flattened_bucket"), one payload per TP rank serialized by that rank from its own
 GPU, inside a begin/end_weight_update session, the cache flushed once after the last bucket.
-Every result is checked: SGLang reports failures as (False, message), not as exceptions. Memory: `release_memory_occupation` (weights, KV cache, CUDA graphs)
-when training takes the GPU; `resume_memory_occupation(["weights"])` before a sync and
-`["kv_cache", "cuda_graph"]` after it. Released weights have no CPU backup, so every wake is
+Every result is checked: SGLang reports failures as (False, message), not as exceptions.
+Memory: `release_memory_occupation` (weights, KV cache, CUDA graphs) when training takes the
+GPU; `resume_memory_occupation(["weights"])` before a sync and `["kv_cache", "cuda_graph"]`
+after it. Released weights have no CPU backup, so every wake is
 preceded by a full sync (`needs_full_sync`), even when the actor did not step.
 """
 from __future__ import annotations
@@ -247,10 +248,12 @@ class SGLangEngine(Engine):
         received = sum(t.numel() * t.element_size() for _, t in named)
         if not named:
             return received
-        if self._bucket_cls is None:  # tp_size == 1 only
+        if self._bucket_cls is None:  # tp_size == 1 only, so this rank leads
+            assert self.engine is not None
             check(self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=False),
                   "update_weights_from_tensor")
             return received
+        assert self._serializer is not None  # imported together with the bucket class
         bucket = self._bucket_cls(named_tensors=named)
         payload = self._serializer.serialize({"flattened_tensor": bucket.get_flattened_tensor(),
                                               "metadata": bucket.get_metadata()}, output_str=True)
@@ -322,8 +325,9 @@ class SGLangEngine(Engine):
 
     def _scatter(self, outputs: list[list[dict]] | None) -> list[dict]:
         if self.group is None:
+            assert outputs is not None  # no group: this rank leads
             return outputs[0]
-        got = [None]
+        got: list[Any] = [None]
         tdist.scatter_object_list(got, outputs, src=self.leader_rank, group=self.group)
         return got[0]
 

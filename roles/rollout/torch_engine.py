@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
@@ -53,7 +53,8 @@ class TorchEngineConfig(EngineConfig):
 class TorchEngine(Engine):
     def __init__(self, model: PreTrainedModel, *, pad_token_id: int, device: torch.device,
                  dtype: torch.dtype = torch.float32, options: TorchEngineConfig | None = None) -> None:
-        self.model = model.to(device=device, dtype=dtype).eval()
+        # transformers wraps PreTrainedModel.to in a decorator mypy misreads
+        self.model = model.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
         self.model.requires_grad_(False)
         self.pad_token_id = pad_token_id
         self.device = device
@@ -67,7 +68,7 @@ class TorchEngine(Engine):
         self.static = opts.compile or (opts.static_cache if opts.static_cache is not None
                                        else device.type == "cuda")
         self._cache: tuple[tuple[int, int], StaticCache] | None = None
-        self._decode = self._forward
+        self._decode: Callable[..., torch.Tensor] = self._forward
         if opts.compile:
             mode = "reduce-overhead" if device.type == "cuda" else None
             self._decode = torch.compile(self._forward, dynamic=False, mode=mode)
@@ -116,6 +117,7 @@ class TorchEngine(Engine):
         if self.static:
             # Fixed shapes: the mask spans the whole cache (future slots 0) and each decode step
             # writes slot P + t, so every step after the prefill has the same shapes.
+            cache: DynamicCache | StaticCache
             cache, length = self._static_cache(N, P + sampling.max_new_tokens)
             attn = torch.zeros((N, length), dtype=torch.long, device=self.device)
             attn[:, :P] = mask_NP
@@ -156,8 +158,9 @@ class TorchEngine(Engine):
     def _forward(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
                  cache: DynamicCache | StaticCache, cache_position: torch.Tensor | None = None
                  ) -> torch.Tensor:
-        extra = {} if cache_position is None else {"cache_position": cache_position}
-        extra[self._cache_kwarg] = cache
+        extra: dict[str, Any] = {self._cache_kwarg: cache}
+        if cache_position is not None:
+            extra["cache_position"] = cache_position
         out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
                          logits_to_keep=1, **extra)
         return out.logits[:, -1].float()
