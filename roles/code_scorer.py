@@ -37,7 +37,7 @@ import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from roles.sandbox import Case, RunResult, SandboxConfig, run_program
 from roles.sandbox_harness import Opaque, Raised, is_number
@@ -249,8 +249,9 @@ def _split(test: ast.expr) -> tuple[ast.expr, Check]:
 
 def _split_compare(test: ast.Compare, source: str) -> tuple[ast.expr, Check]:
     left, op, right = test.left, type(test.ops[0]), test.comparators[0]
-    if op in (ast.Lt, ast.LtE) and _abs_difference(left) is not None:
-        expression, centre = _abs_difference(left)
+    difference = _abs_difference(left) if op in (ast.Lt, ast.LtE) else None
+    if difference is not None:
+        expression, centre = difference
         tol = _literal(right, source)
         within = operator.lt if op is ast.Lt else operator.le
         return expression, Check(source=source, test=lambda v: is_number(v) and within(
@@ -277,7 +278,7 @@ def _split_isclose(test: ast.Call, source: str) -> tuple[ast.expr, Check]:
         expression, expected = b, ast.literal_eval(a)
     else:
         raise _unsupported(source)
-    tolerances = {k.arg: _literal(k.value, source) for k in test.keywords}
+    tolerances = {k.arg: _literal(k.value, source) for k in test.keywords if k.arg is not None}
     return expression, Check(source=source, test=lambda v: is_number(v) and math.isclose(
         v, expected, **tolerances))
 
@@ -303,7 +304,7 @@ def _is_isclose(func: ast.expr) -> bool:
         isinstance(func, ast.Name) and func.id == "isclose")
 
 
-def _is_and(node: ast.expr) -> bool:
+def _is_and(node: ast.expr) -> TypeGuard[ast.BoolOp]:
     return isinstance(node, ast.BoolOp) and isinstance(node.op, ast.And)
 
 

@@ -61,7 +61,7 @@ class Reward:
     def __init__(self, cfg: Config, *, device: torch.device | str = "cpu") -> None:
         self.cfg = cfg
         self.device = torch.device(device)
-        names = {cfg.scorer, *cfg.source_scorers.values()} - {None}
+        names = {n for n in (cfg.scorer, *cfg.source_scorers.values()) if n is not None}
         for name in names:
             get_scorer(name)  # fail at start-up on a typo, not at step 1
         code_scorer.configure(cfg.sandbox)
@@ -305,7 +305,8 @@ def _worker_main(conn: Any, timeout_s: float, sandbox: SandboxConfig) -> None:
             return
         before = weak_samples()
         try:
-            outcome = _score_limited(*job, timeout_s)
+            scorer, text, truth = job
+            outcome = _score_limited(scorer, text, truth, timeout_s)
         except SandboxUnavailable as e:
             conn.send(("unavailable", str(e), 0))
             continue

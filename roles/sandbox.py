@@ -48,8 +48,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from roles import sandbox_cgroup, sandbox_weak
-from roles.sandbox_bwrap import (IO_DIR, SANDBOX_GID, SANDBOX_UID, WORKDIR, SandboxUnavailable,
-                                 bwrap_args, join_cgroups_prefix, runtime)
+from roles.sandbox_bwrap import (
+    IO_DIR,
+    SANDBOX_GID,
+    SANDBOX_UID,
+    WORKDIR,
+    SandboxUnavailable,
+    bwrap_args,
+    join_cgroups_prefix,
+    runtime,
+)
 from roles.sandbox_harness import HARNESS_SOURCE, RUNNER_SOURCE, decode_values
 from roles.sandbox_seccomp import seccomp_filter
 from roles.sandbox_watch import Watch

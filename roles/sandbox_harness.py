@@ -22,6 +22,7 @@ mode, which has no PID namespace) and ``{"status": wait_status, "stdout": str, "
 from __future__ import annotations
 
 import ctypes  # noqa: F401  (ctypes, os, resource, signal, sys, time, types: used by the
+
 # functions sent into the sandbox, which import them there)
 import inspect
 import json

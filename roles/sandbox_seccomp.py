@@ -134,7 +134,7 @@ def _program(abi: _Abi) -> list[tuple]:
 def _assemble(prog: list[tuple]) -> bytes:
     """Resolve labels into BPF's relative jump offsets (None: fall through) and pack."""
     labels: dict[str, int] = {}
-    code = []
+    code: list[tuple] = []
     for ins in prog:
         if ins[0] == "label":
             labels[ins[1]] = len(code)

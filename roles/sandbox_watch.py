@@ -98,10 +98,11 @@ class Watch:
             del self._buffers[fd]
             return []
         buffer += chunk
-        *lines, rest = buffer.split(b"\n")
+        *parts, rest = buffer.split(b"\n")
+        lines = [bytes(p) for p in parts]
         if len(rest) > line_cap:  # an endless line: treat as garbage
             lines.append(b"")
-            rest = b""
+            rest = bytearray()
         self._buffers[fd] = bytearray(rest)
         return lines
 

@@ -8,7 +8,7 @@ venv=.venv-pins
 rm -rf $venv && python3 -m venv $venv
 $venv/bin/python -m pip install --quiet --upgrade pip
 $venv/bin/python -m pip install --quiet torch==2.13.0
-$venv/bin/python -m pip install --quiet -e '.[test]'
+$venv/bin/python -m pip install --quiet -e '.[test,lint]'
 MLFLOW_DISABLE_TELEMETRY=true $venv/bin/python -m pytest -q
 { grep '^#' constraints.txt
   $venv/bin/python -m pip freeze --exclude-editable | sed 's/+cpu$//'; } > constraints.txt.new
