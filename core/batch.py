@@ -130,9 +130,6 @@ class Batch:
     def with_fields(self, **fields: Any) -> Batch:
         return Batch(**{**self._data, **fields})
 
-    def without(self, *names: str) -> Batch:
-        return Batch(**{k: v for k, v in self._data.items() if k not in names})
-
     def only(self, *names: str) -> Batch:
         return Batch(**{k: self._data[k] for k in names})
 
@@ -178,22 +175,6 @@ class Batch:
             raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
         return [self.select(range(i, min(i + micro_batch_size, len(self)))).trim()
                 for i in range(0, len(self), micro_batch_size)]
-
-    def split_by_tokens(self, max_tokens: int) -> list[Batch]:
-        """Consecutive micro-batches whose padded size after trimming (samples x (widest prompt +
-        widest response)) stays within max_tokens; a sample over budget goes alone."""
-        p_len = self.prompt_mask.sum(-1).tolist()
-        r_len = self.response_mask.sum(-1).tolist() if "response_mask" in self else [0] * len(self)
-        chunks, start, wp, wr = [], 0, 0, 0
-        for i in range(len(self)):
-            np_, nr = max(wp, p_len[i]), max(wr, r_len[i])
-            if i > start and (np_ + nr) * (i - start + 1) > max_tokens:
-                chunks.append(range(start, i))
-                start, np_, nr = i, p_len[i], r_len[i]
-            wp, wr = np_, nr
-        if start < len(self):
-            chunks.append(range(start, len(self)))
-        return [self.select(c).trim() for c in chunks]
 
     @staticmethod
     def concat(batches: Sequence[Batch]) -> Batch:

@@ -208,7 +208,7 @@ class PromptFormat:
     prompt_key: str = "problem"
     answer_key: str = "answer"
     data_source: str = "math"
-    """Scorer for these rows (see roles/scorers.py), unless a row has a `data_source` field."""
+    """Scorer for these rows (see roles/reward/scorers.py), unless a row has a `data_source` field."""
     chat_template: bool = True
     """Wrap the prompt as a user turn with the tokenizer's chat template."""
     system_prompt: str | None = None

@@ -108,18 +108,10 @@ class LoraMerger:
                              f"{sorted(self.pending)}")
 
 
-def merged_weights(named: Iterable[tuple[str, torch.Tensor]], scalings: dict[str, float]
-                   ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Plain (name, tensor) pairs: adapters folded into their base weights, names unwrapped."""
-    merger = LoraMerger(scalings)
-    for name, t in named:
-        yield from merger.feed(name, t)
-    merger.finish()
-
-
 def merged_buckets(buckets: Iterable[list[tuple[str, torch.Tensor]]], scalings: dict[str, float]
                    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """`merged_weights` bucket by bucket; a module split over two buckets leaves with the later."""
+    """Buckets of plain (name, tensor) pairs: adapters folded into their base weights, names
+    unwrapped; a module split over two buckets leaves with the later."""
     merger = LoraMerger(scalings)
     for bucket in buckets:
         out = [pair for name, t in bucket for pair in merger.feed(name, t)]

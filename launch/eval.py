@@ -25,7 +25,7 @@ from launch.config import JobConfig
 from launch.entry import run_entry
 from launch.evaluate import Sample, run_benchmark, sampling_overrides, summarize
 from launch.state import sharded_state
-from roles.scorers import extract_answer
+from roles.reward.scorers import extract_answer
 
 logger = logging.getLogger("launch.eval")
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"

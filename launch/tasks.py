@@ -2,7 +2,7 @@
 character-level tokenizer (built locally: nothing is downloaded).
 
 `addition`: prompt "045+678=" (operands zero-padded to `digits`), answer "0723" (the sum,
-zero-padded to digits + 1), then EOS. The scorer of the same name (roles/scorers.py) gives 1 for
+zero-padded to digits + 1), then EOS. The scorer of the same name (roles/reward/scorers.py) gives 1 for
 exactly that text, else 0.
 
 The supervised warm-up learns from a *sloppy teacher* that forgets each carry with probability

@@ -29,14 +29,6 @@ def test_select_concat_split_trim_roundtrip():
     assert torch.equal(pos_full[mask_full.bool()], pos[mask.bool()])
 
 
-def test_split_by_tokens_respects_budget():
-    b = random_batch(1, B=8, P=6, R=5)
-    for mb in b.split_by_tokens(30):
-        width = mb.prompt_ids.shape[1] + mb.response_ids.shape[1]
-        assert len(mb) == 1 or len(mb) * width <= 30
-    assert sum(len(mb) for mb in b.split_by_tokens(30)) == 8
-
-
 def test_repeat_interleave_keeps_groups_adjacent():
     b = Batch(group_ids=torch.tensor([4, 9]), ground_truth=["x", "y"])
     r = b.repeat_interleave(3)

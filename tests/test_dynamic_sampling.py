@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from roles.scorers import SCORERS, register_scorer
+from roles.reward.scorers import SCORERS, register_scorer
 from tests.dist_utils import run_distributed
 from tests.helpers import tiny_model_config
 

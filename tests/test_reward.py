@@ -9,8 +9,8 @@ import torch
 
 from core.batch import Batch
 from roles.reward import Reward
-from roles.sandbox import SandboxUnavailable
-from roles.scorers import SCORERS, register_scorer
+from roles.reward.sandbox import SandboxUnavailable
+from roles.reward.scorers import SCORERS, register_scorer
 
 if "test_spin" not in SCORERS:
     @register_scorer("test_spin")

@@ -1,4 +1,4 @@
-"""Tests for roles/sandbox*.py and the ``code`` scorer's judge (roles/code_scorer.py).
+"""Tests for roles/sandbox*.py and the ``code`` scorer's judge (roles/reward/code_scorer.py).
 
 The attacks of issue #13, as root and as an unprivileged user, are in test_sandbox_attacks.py;
 this file covers how the sandbox and the judge work: cases and limits, the runtime it shows, the
@@ -17,15 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from roles import sandbox, sandbox_cgroup
-from roles.code_scorer import (code_scorer, configure, extract_program, parse_code_tests,
+from roles.reward import sandbox
+from roles.reward.sandbox import cgroup as sandbox_cgroup
+from roles.reward.code_scorer import (code_scorer, configure, extract_program, parse_code_tests,
                                sandbox_config, score_code)
-from roles.sandbox import (Case, RunResult, SandboxConfig, SandboxUnavailable, isolation,
+from roles.reward.sandbox import (Case, RunResult, SandboxConfig, SandboxUnavailable, isolation,
                            run_program, run_python, weak_samples)
-from roles.sandbox_harness import OPAQUE, Raised, decode_values
-from roles.sandbox_seccomp import seccomp_filter
-from roles.sandbox_weak import remove_tree
-from roles.scorers import get_scorer
+from roles.reward.sandbox.harness import OPAQUE, Raised, decode_values
+from roles.reward.sandbox.seccomp import seccomp_filter
+from roles.reward.sandbox.weak import remove_tree
+from roles.reward.scorers import get_scorer
 
 FAST = SandboxConfig(wall_seconds=2.0, cpu_seconds=30, memory_mb=256, disk_mb=16,
                      max_processes=16)

@@ -11,7 +11,7 @@ disk, processes, time). Three sides score them:
 * ``user``: an unprivileged helper process (uid 4242, via ``setpriv``) with a cgroup delegated
   to it, the way a non-root trainer gets one from systemd (``Delegate=yes``);
 * ``user-nocgroup``: the same helper with no cgroup: the attacks that only cgroups can contain
-  (a tree of processes holding memory together) are left out, as roles/sandbox.py documents.
+  (a tree of processes holding memory together) are left out, as roles/reward/sandbox/__init__.py documents.
 
 After each attack: no process in another PID namespace (every sandbox process lives in one), no
 per-sample cgroup, no file of the sandbox on the host, shared memory back near where it was.
@@ -244,9 +244,9 @@ class AsUser(Side):
 def handle(request: dict[str, Any], rewards: dict[str, Any]) -> dict[str, Any]:
     """One request, in the scoring process (this one, or the unprivileged helper)."""
     from core.batch import Batch
-    from roles.code_scorer import score_code
+    from roles.reward.code_scorer import score_code
     from roles.reward import Reward
-    from roles.sandbox import Case, SandboxConfig, run_program
+    from roles.reward.sandbox import Case, SandboxConfig, run_program
 
     op = request["op"]
     cfg = SandboxConfig(**request.get("sandbox", LIMITS))
@@ -363,8 +363,8 @@ class _suppress:
 
 @pytest.fixture(scope="module", params=["root", "user", "user-nocgroup"])
 def side(request, host) -> Iterator[Side]:
-    from roles.sandbox import SandboxConfig, SandboxUnavailable, isolation
-    from roles.sandbox_cgroup import cgroups
+    from roles.reward.sandbox import SandboxConfig, SandboxUnavailable, isolation
+    from roles.reward.sandbox.cgroup import cgroups
     try:
         isolation(SandboxConfig())
     except SandboxUnavailable as e:
@@ -672,7 +672,7 @@ ATTACKS = [
 @pytest.mark.parametrize("attack", ATTACKS, ids=[a.name for a in ATTACKS])
 def test_attack_scores_zero_and_leaves_nothing(side: Side, host: Host, attack: Attack):
     if attack.needs_cgroup and side.name == "user-nocgroup":
-        pytest.skip("a process tree's total memory needs a cgroup (see roles/sandbox.py)")
+        pytest.skip("a process tree's total memory needs a cgroup (see roles/reward/sandbox/__init__.py)")
     before = snapshot()
     connections = len(host.connections)
     assert side.score(attack.response(host), attack.ground_truth(host), **attack.limits) == 0.0
@@ -889,7 +889,7 @@ def test_weak_mode_is_not_a_sandbox(host: Host):
     (the suite would catch them): every such sample is counted as reward/sandbox_weak."""
     from core.batch import Batch
     from roles.reward import Reward
-    from roles.sandbox import SandboxConfig, SandboxUnavailable
+    from roles.reward.sandbox import SandboxConfig, SandboxUnavailable
 
     missing = {**LIMITS, "bwrap": "/nonexistent/bwrap"}
     with pytest.raises(SandboxUnavailable, match="bubblewrap .* is not installed"):

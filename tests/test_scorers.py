@@ -1,4 +1,4 @@
-"""Tests for roles/scorers.py: registry, boxed extraction, addition and math scorers.
+"""Tests for roles/reward/scorers.py: registry, boxed extraction, addition and math scorers.
 
 The dataset test reads JSONL files from $ROLEGRAPH_DATA_DIR (default: data/ at the repo root)
 and skips when they are absent.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from roles import scorers
-from roles.scorers import get_scorer, last_boxed, register_scorer, scorer_names
+from roles.reward import scorers
+from roles.reward.scorers import get_scorer, last_boxed, register_scorer, scorer_names
 
 logger = logging.getLogger(__name__)
 

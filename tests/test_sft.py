@@ -9,7 +9,7 @@ import torch
 
 from core.batch import GlobalCounts
 from core.data import PromptFormat, read_sft_pairs
-from core.lora import LoraConfig, apply_lora, lora_scalings, merged_buckets, merged_weights
+from core.lora import LoraConfig, apply_lora, lora_scalings, merged_buckets
 from core.models import ModelConfig, build_model
 from core.packing import PackedNLL, SFTExample, pack
 from tests.dist_utils import run_distributed
@@ -108,7 +108,7 @@ def test_lora_merge_matches_peft_merge_and_unload():
     scalings = lora_scalings(model)
     assert len(scalings) == 2 * 7 and set(scalings.values()) == {2.0}
     named = [(n, p.detach().clone()) for n, p in model.named_parameters()]
-    merged = dict(merged_weights(named, scalings))
+    merged = dict(pair for bucket in merged_buckets([named], scalings) for pair in bucket)
     # the same in buckets of about one tensor, and out of order within a module
     buckets = [[pair] for pair in reversed(named)]
     in_buckets = {n: t for b in merged_buckets(buckets, scalings) for n, t in b}
@@ -119,7 +119,7 @@ def test_lora_merge_matches_peft_merge_and_unload():
         torch.testing.assert_close(in_buckets[name], w.detach(), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="incomplete LoRA modules"):
         dropped = next(i for i, (n, _) in enumerate(named) if "lora_B" in n)
-        list(merged_weights(named[:dropped] + named[dropped + 1:], scalings))
+        list(merged_buckets([named[:dropped] + named[dropped + 1:]], scalings))
 
 
 MIN_DROP = {False: 1.5, True: 0.8}

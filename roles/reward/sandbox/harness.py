@@ -8,7 +8,7 @@ interpreter. So none of it holds an expected value or a pass token. The harness 
 it gets the program and the test *inputs* (stdin text, or expressions such as ``f(3)``), runs
 the program in a fresh interpreter per case, and writes each case's wait status, stdout, stderr
 and, for expressions, their values serialised as tagged JSON (:func:`_encode`) to the channel.
-The judge (roles/code_scorer.py) holds the expected values, outside the sandbox, and compares
+The judge (roles/reward/code_scorer.py) holds the expected values, outside the sandbox, and compares
 them with what :func:`decode_values` rebuilds: plain built-in data only, so an object of the
 program's (an ``__eq__`` that always says True) never reaches a comparison. A program that forges
 the channel gains nothing: it would have to forge the right answers.

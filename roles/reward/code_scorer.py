@@ -7,7 +7,7 @@ else the whole response). The ground truth is a dict, or its JSON:
   compared after stripping trailing whitespace per line and trailing blank lines;
 * ``{"assert": "assert f(1) == 2\\n..."}``: assert statements about the program's functions.
 
-The judge holds the expected values; the sandbox never sees them (roles/sandbox_harness.py). For
+The judge holds the expected values; the sandbox never sees them (roles/reward/sandbox/harness.py). For
 stdin/stdout cases it sends only the inputs. An assert is split here, before anything runs, into
 the expression the sandbox evaluates in the program's globals (``f(1)``) and a check the judge
 applies to the returned value (``== 2``), on plain data (:func:`parse_asserts`), so neither a
@@ -39,9 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
-from roles.sandbox import Case, RunResult, SandboxConfig, run_program
-from roles.sandbox_harness import Opaque, Raised, is_number
-from roles.scorers import register_scorer
+from roles.reward.sandbox import Case, RunResult, SandboxConfig, run_program
+from roles.reward.sandbox.harness import Opaque, Raised, is_number
+from roles.reward.scorers import register_scorer
 
 _FENCE_RE = re.compile(r"```([^\n`]*)\n(.*?)```", re.DOTALL)
 _PYTHON_TAGS = frozenset({"python", "python3", "py"})

@@ -84,10 +84,6 @@ _ABIS = {
 }
 
 
-def supported_machines() -> tuple[str, ...]:
-    return tuple(_ABIS)
-
-
 def seccomp_filter(machine: str | None = None) -> bytes:
     """The filter as ``struct sock_filter[]`` bytes, for ``bwrap --seccomp``.
 

@@ -6,7 +6,7 @@ pidfd (the kernel then kills everything in the PID namespace, and the mount name
 workdir tmpfs goes with it) and bubblewrap's session, and waits until the reaper has exited: by
 then nothing of the sample runs. In the weak mode there is no PID namespace; the harness and the
 program's last process group are killed instead. Either way the sample's cgroup, when there is
-one, is emptied and removed afterwards (roles/sandbox_cgroup.py).
+one, is emptied and removed afterwards (roles/reward/sandbox/cgroup.py).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Scoring runs in-process (`workers: 0`, for cheap scorers such as the built-in task's) or in a
 pool of worker processes with per-sample limits. Either way a scorer that raises or runs out of
 time yields 0 for that sample and is counted (`reward/errors`, `reward/timeouts`); training never
-stops because of a scorer, only because the code sandbox cannot start here (roles/sandbox.py:
+stops because of a scorer, only because the code sandbox cannot start here (roles/reward/sandbox/__init__.py:
 `SandboxUnavailable`, unless `sandbox.allow_weak`; weak samples count as `reward/sandbox_weak`).
 
 In the pool each worker scores one sample at a time. Two limits apply per sample: CPU time in the
@@ -28,9 +28,10 @@ import torch
 
 from core.batch import Batch
 from core.graph import Phase, Result
-from roles import code_scorer, sandbox_cgroup
-from roles.sandbox import SandboxConfig, SandboxUnavailable, isolation, weak_samples
-from roles.scorers import Scorer, get_scorer, register_scorer, scorer_names  # noqa: F401  (public API)
+from roles.reward import code_scorer
+from roles.reward.sandbox import SandboxConfig, SandboxUnavailable, isolation, weak_samples
+from roles.reward.sandbox import cgroup as sandbox_cgroup
+from roles.reward.scorers import Scorer, get_scorer, register_scorer, scorer_names  # noqa: F401  (public API)
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Reward:
         sample's worker is replaced and the sample scores 0. None: 2 x timeout_s plus
         sandbox.wall_seconds."""
         sandbox: SandboxConfig = field(default_factory=SandboxConfig)
-        """Isolation and per-sample limits of the `code` scorer's sandbox (roles/sandbox.py)."""
+        """Isolation and per-sample limits of the `code` scorer's sandbox (roles/reward/sandbox/__init__.py)."""
 
     def __init__(self, cfg: Config, *, device: torch.device | str = "cpu") -> None:
         self.cfg = cfg
@@ -136,7 +137,7 @@ class ScoringPool:
     """Worker processes scoring one sample each at a time, under per-sample CPU and wall limits.
 
     Forkserver workers: no copy of the trainer's threads or CUDA state. The forkserver's socket
-    lives in the trainer's /tmp, which no sandbox can see (roles/sandbox_bwrap.py). Each worker
+    lives in the trainer's /tmp, which no sandbox can see (roles/reward/sandbox/bwrap.py). Each worker
     has up to PREFETCH samples sent ahead (so it does not wait for the parent between samples);
     a sample's wall clock starts when its worker begins it: when the worker is free, or when it
     reports the sample before. When a worker is replaced, the samples it had not begun go to

@@ -3,10 +3,10 @@
 :func:`run_program` runs a program once per test case (a stdin text, or test expressions to
 evaluate in its globals) inside one sandbox per sample and returns, per case, its exit status,
 stdout, stderr and the expressions' values as plain data. The ``code`` scorer
-(roles/code_scorer.py) is the judge that compares them with the expected values, which never
-enter the sandbox (see roles/sandbox_harness.py for that boundary).
+(roles/reward/code_scorer.py) is the judge that compares them with the expected values, which never
+enter the sandbox (see roles/reward/sandbox/harness.py for that boundary).
 
-Isolation (roles/sandbox_bwrap.py, roles/sandbox_seccomp.py): the program sees a read-only root
+Isolation (roles/reward/sandbox/bwrap.py, roles/reward/sandbox/seccomp.py): the program sees a read-only root
 with only its interpreter, standard library and their shared libraries, a new /proc and a minimal
 /dev, and a size-limited tmpfs workdir; no host file, no host socket of any family (private
 network namespace, and a seccomp filter allowing only AF_UNIX/AF_INET/AF_INET6 sockets, which
@@ -14,7 +14,7 @@ the namespaces confine); an empty environment; uid 65534 (host ``nobody`` when t
 root, else a fresh uid in a user namespace: the caller's uid is never kept); no capabilities,
 ``no_new_privs``; and the whole process tree dies with the scoring process.
 
-Limits, per sample (roles/sandbox_cgroup.py): memory of the whole process tree, memfd, tmpfs and
+Limits, per sample (roles/reward/sandbox/cgroup.py): memory of the whole process tree, memfd, tmpfs and
 kernel memory included, and the number of processes, through the memory and pids cgroups where
 they can be used (as root); one wall-clock limit for the whole sample across all its cases;
 the workdir's size. Per process: CPU seconds, address space, file size, open files, no core
@@ -25,7 +25,7 @@ counts per user namespace, so per sample; a line in the log says so once.
 
 If the sandbox cannot start (no bubblewrap, user or mount namespaces disabled, an architecture
 without a seccomp table), :func:`isolation` raises :class:`SandboxUnavailable` naming the missing
-piece, unless ``allow_weak`` is set: then programs run as plain processes (roles/sandbox_weak.py)
+piece, unless ``allow_weak`` is set: then programs run as plain processes (roles/reward/sandbox/weak.py)
 and each sample is counted in :func:`weak_samples` (the reward role reports
 ``reward/sandbox_weak``).
 """
@@ -47,8 +47,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from roles import sandbox_cgroup, sandbox_weak
-from roles.sandbox_bwrap import (
+from roles.reward.sandbox import cgroup as sandbox_cgroup
+from roles.reward.sandbox import weak as sandbox_weak
+from roles.reward.sandbox.bwrap import (
     IO_DIR,
     SANDBOX_GID,
     SANDBOX_UID,
@@ -58,9 +59,9 @@ from roles.sandbox_bwrap import (
     join_cgroups_prefix,
     runtime,
 )
-from roles.sandbox_harness import HARNESS_SOURCE, RUNNER_SOURCE, decode_values
-from roles.sandbox_seccomp import seccomp_filter
-from roles.sandbox_watch import Watch
+from roles.reward.sandbox.harness import HARNESS_SOURCE, RUNNER_SOURCE, decode_values
+from roles.reward.sandbox.seccomp import seccomp_filter
+from roles.reward.sandbox.watch import Watch
 
 __all__ = ["SANDBOX_UID", "Case", "RunResult", "SampleRun", "SandboxConfig", "SandboxUnavailable",
            "isolation", "run_program", "run_python", "weak_samples"]
@@ -134,7 +135,7 @@ class RunResult:
     """"wall" for the wall limit, else the signal's name (SIGXCPU: the CPU limit; SIGKILL: the
     CPU hard limit or the OOM killer); None when the program exited by itself."""
     values: list[Any] | None = None
-    """The "eval" steps' values as plain data (roles/sandbox_harness.py), None without steps or
+    """The "eval" steps' values as plain data (roles/reward/sandbox/harness.py), None without steps or
     when the program never got to write them."""
 
 

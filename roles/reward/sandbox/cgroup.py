@@ -19,7 +19,7 @@ Where the controllers cannot be used (not root and nothing delegated, read-only 
 without the controllers available), :func:`cgroups` returns None and says why once in the log;
 the sandbox then limits memory per process only (RLIMIT_AS, RLIMIT_FSIZE per file, the tmpfs
 size) and processes through RLIMIT_NPROC inside the sample's own user namespace (see
-roles/sandbox.py).
+roles/reward/sandbox/__init__.py).
 """
 from __future__ import annotations
 

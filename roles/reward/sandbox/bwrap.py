@@ -20,7 +20,7 @@ harness keeps only CAP_SETUID/CAP_SETGID/CAP_SETPCAP and drops itself to 65534:6
 with every capability set emptied, before any program runs. ``--die-with-parent`` ties the
 sandbox to the scoring process (to the thread that started it, so start sandboxes from a thread
 that outlives them); ``--new-session`` detaches it from any terminal; the seccomp filter is
-roles/sandbox_seccomp.py.
+roles/reward/sandbox/seccomp.py.
 """
 from __future__ import annotations
 
