@@ -221,8 +221,8 @@ class PolicyLoss:
                  counts: GlobalCounts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         mask = loss_mask(mb)
         norm_const = self.norm_const or counts.budget
-        agg = lambda x: aggregate(x, mask, self.agg_mode, counts, norm_const=norm_const)
-        token_mean = lambda x: aggregate(x.detach().float(), mask, "token-mean", counts)
+        agg = lambda x: aggregate(x, mask, self.agg_mode, counts, norm_const=norm_const)  # noqa: E731
+        token_mean = lambda x: aggregate(x.detach().float(), mask, "token-mean", counts)  # noqa: E731
         # Padding may hold anything (NaN included): give every objective finite inputs there, so
         # no 0 * NaN reaches a gradient; real tokens are untouched.
         real = mask.bool()

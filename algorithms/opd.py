@@ -57,7 +57,8 @@ def opd_advantages(rewards_B: torch.Tensor, group_ids_B: torch.Tensor, mask_BR: 
     """[B, R] advantages -beta (log pi_old - log pi_T) + gamma A^GRPO, 0 on padding, and the
     global token-mean reverse KL (collective)."""
     m = mask_BR.bool()
-    rkl_BR = torch.where(m, old_logp_BR.float() - ref_logp_BR.float(), torch.zeros_like(old_logp_BR, dtype=torch.float32))
+    rkl_BR = old_logp_BR.float() - ref_logp_BR.float()
+    rkl_BR = torch.where(m, rkl_BR, torch.zeros_like(rkl_BR))
     adv_BR = -distill_coef * rkl_BR
     if reward_coef:
         adv_BR = adv_BR + reward_coef * grpo_advantages(rewards_B, group_ids_B, mask_BR, norm_std=norm_std)

@@ -67,8 +67,8 @@ def ref_ppo(eps_low: float, eps_high: float) -> Ref:
     def f(seq, i):
         n = len(seq)
         L, d = [], [[0.0] * n for _ in range(n)]
-        for t, (_, l, a) in enumerate(seq):
-            r = math.exp(l)
+        for t, (_, lr, a) in enumerate(seq):
+            r = math.exp(lr)
             unclipped, clipped = -a * r, -a * clip(r, 1 - eps_low, 1 + eps_high)
             assert abs(unclipped - clipped) > 1e-6 or 1 - eps_low < r < 1 + eps_high  # no kink
             L.append(max(unclipped, clipped))
@@ -80,7 +80,7 @@ def ref_ppo(eps_low: float, eps_high: float) -> Ref:
 def ref_gspo(eps_low: float, eps_high: float, *, token: bool) -> Ref:
     def f(seq, i):
         n = len(seq)
-        s = math.exp(sum(l for _, l, _ in seq) / n)
+        s = math.exp(sum(lr for _, lr, _ in seq) / n)
         L, d = [], [[0.0] * n for _ in range(n)]
         for t, (_, _, a) in enumerate(seq):
             unclipped, clipped = -a * s, -a * clip(s, 1 - eps_low, 1 + eps_high)
@@ -99,8 +99,8 @@ def ref_cispo(eps_low: float | None, eps_high: float) -> Ref:
     def f(seq, i):
         n = len(seq)
         L, d = [], [[0.0] * n for _ in range(n)]
-        for t, (_, l, a) in enumerate(seq):
-            w = clip(math.exp(l), None if eps_low is None else 1 - eps_low, 1 + eps_high)
+        for t, (_, lr, a) in enumerate(seq):
+            w = clip(math.exp(lr), None if eps_low is None else 1 - eps_low, 1 + eps_high)
             L.append(-w * a)
             d[t][t] = -w * a  # the weight is detached: gradient -w A through log pi, clipped or not
         return L, d
@@ -111,8 +111,8 @@ def ref_sapo(tau_pos: float, tau_neg: float) -> Ref:
     def f(seq, i):
         n = len(seq)
         L, d = [], [[0.0] * n for _ in range(n)]
-        for t, (_, l, a) in enumerate(seq):
-            r, tau = math.exp(l), tau_pos if a > 0 else tau_neg
+        for t, (_, lr, a) in enumerate(seq):
+            r, tau = math.exp(lr), tau_pos if a > 0 else tau_neg
             g = sigmoid(tau * (r - 1))
             L.append(-g * 4 / tau * a)
             d[t][t] = -4 * g * (1 - g) * r * a  # d/dlogp [sigmoid(tau(r-1)) 4/tau] = 4 g (1-g) r
@@ -126,10 +126,10 @@ def ref_gmpo(eps_low: float, eps_high: float) -> Ref:
         a_seq = sum(a for _, _, a in seq) / n
         sgn = (a_seq > 0) - (a_seq < 0)
         kept, free = [], []
-        for _, l, _ in seq:
-            c = clip(l, -eps_low, eps_high)
-            kept.append(sgn * min(sgn * l, sgn * c))
-            free.append(sgn * l <= sgn * c)  # the token's own ratio is used (gradient flows)
+        for _, lr, _ in seq:
+            c = clip(lr, -eps_low, eps_high)
+            kept.append(sgn * min(sgn * lr, sgn * c))
+            free.append(sgn * lr <= sgn * c)  # the token's own ratio is used (gradient flows)
         G = math.exp(sum(kept) / n)
         L = [-a_seq * G] * n
         d = [[(-a_seq * G / n if free[u] else 0.0) for u in range(n)] for _ in range(n)]
@@ -153,10 +153,10 @@ def ref_kl_cov(beta: float) -> Ref:
     def f(seq, i):
         n = len(seq)
         L, d = [], [[0.0] * n for _ in range(n)]
-        for t, (_, l, a) in enumerate(seq):
-            r, sel = math.exp(l), (i, t) in SELECTED
-            L.append(-a * r + (beta * abs(l) if sel else 0.0))
-            d[t][t] = -a * r + (beta * math.copysign(1.0, l) if sel else 0.0)
+        for t, (_, lr, a) in enumerate(seq):
+            r, sel = math.exp(lr), (i, t) in SELECTED
+            L.append(-a * r + (beta * abs(lr) if sel else 0.0))
+            d[t][t] = -a * r + (beta * math.copysign(1.0, lr) if sel else 0.0)
         return L, d
     return f
 
@@ -195,8 +195,8 @@ def inputs(rows=ROWS, offset: int = 0) -> tuple[torch.Tensor, Batch]:
     logp, adv, mask = torch.zeros(B, R), torch.zeros(B, R), torch.zeros(B, R, dtype=torch.long)
     cov = torch.zeros(B, R)
     for i, seq in enumerate(rows):
-        for t, (o, l, a) in enumerate(seq):
-            old[i, t], logp[i, t], adv[i, t], mask[i, t] = o, o + l, a, 1
+        for t, (o, lr, a) in enumerate(seq):
+            old[i, t], logp[i, t], adv[i, t], mask[i, t] = o, o + lr, a, 1
             cov[i, t] = float((offset + i, t) in SELECTED)
     logp.requires_grad_(True)
     return logp, Batch(old_logp=old, advantages=adv, response_mask=mask, cov_mask=cov)
@@ -285,7 +285,8 @@ def test_gspo_token_gives_each_token_its_own_advantage_gspo_the_sequence_mean():
         assert float(loss) == pytest.approx(1.0)
         torch.testing.assert_close(grad[0], torch.tensor(want))
     # A clipped sequence: s = e^0.1 = 1.105 > 1 + 4e-4 with A > 0: no gradient to any token.
-    _, metrics, grad = run(PolicyLoss(objective=GSPOToken(), log_entropy=False), rows=[[(-1.0, 0.1, 1.0), (-1.0, 0.1, 1.0)]])
+    _, metrics, grad = run(PolicyLoss(objective=GSPOToken(), log_entropy=False),
+                           rows=[[(-1.0, 0.1, 1.0), (-1.0, 0.1, 1.0)]])
     assert (grad == 0).all() and float(metrics["pg_clipfrac"]) == 1.0
 
 

@@ -90,7 +90,9 @@ def test_correction_node_merges_the_overlong_filter_and_orders_outputs():
 
 
 def test_policy_update_builds_the_nodes_it_needs():
-    names = lambda c: [n.name for n in policy_update(c)]
+    def names(c: GRPOConfig) -> list[str]:
+        return [n.name for n in policy_update(c)]
+
     assert names(GRPOConfig()) == ["mismatch", "update_actor"]
     assert names(GRPOConfig(recompute_old_logp=False)) == ["update_actor"]  # bypass: old = rollout
     on = GRPOConfig(rollout_correction=RolloutCorrection(is_level="token", geo_mask=True), overlong_filter=True)
@@ -110,9 +112,9 @@ def test_policy_update_builds_the_nodes_it_needs():
 def test_tis_weight_scales_each_tokens_surrogate_and_its_gradient():
     """PPO clip (range 0.2) at ratio r = e^l per token, times the detached TIS weight w:
     value sum w (-A r) / N for unclipped tokens, d/dlogp = -w A r / N; a clipped token stays 0."""
-    l = torch.tensor([[0.1, -0.1, 0.5]])  # the last is clipped (A > 0, ratio 1.65)
+    log_r = torch.tensor([[0.1, -0.1, 0.5]])  # the last is clipped (A > 0, ratio 1.65)
     old = torch.tensor([[-1.0, -2.0, -1.5]])
-    logp = (old + l).requires_grad_(True)
+    logp = (old + log_r).requires_grad_(True)
     adv = torch.tensor([[1.0, -2.0, 1.0]])
     w = torch.tensor([[1.5, 0.25, 2.0]])
     mb = Batch(old_logp=old, advantages=adv, response_mask=torch.ones(1, 3, dtype=torch.long), rollout_is_weights=w)
