@@ -30,8 +30,9 @@ from core.registry import Registry
 @dataclass(kw_only=True, slots=True)
 class AlgorithmConfig(Slot):
     name: str = "grpo"
-    """A registered algorithm (grpo, drgrpo, dapo, ppo, orz, vapo, reinforce_pp, rloo) or
-    "package.module:function"; it chooses the schema of this whole section."""
+    """A registered algorithm (grpo, drgrpo, dapo, ppo, orz, vapo, reinforce_pp, rloo, gspo,
+    gspo_token, cispo, sapo, gmpo, clip_cov, kl_cov, opd) or "package.module:function"; it
+    chooses the schema of this whole section."""
 
     @classmethod
     def variant(cls, name: str) -> type:

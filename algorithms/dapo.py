@@ -31,6 +31,7 @@ from algorithms.losses import AggMode
 from algorithms.shaping import RewardShaping
 from core import dist
 from core.batch import Batch
+from core.config import at_least
 from core.data import PROMPT_FIELDS
 from core.graph import Graph, Node, Result
 
@@ -59,6 +60,9 @@ class DAPOConfig(GRPOConfig):
     max_gen_rounds: int = 3
     """Generation rounds per step at most; then uniform groups fill the gap (and are counted)."""
 
+    def __post_init__(self) -> None:
+        at_least(self, 1, "max_gen_rounds")
+
 
 def informative(scores_B: torch.Tensor, group_ids_B: torch.Tensor) -> torch.Tensor:
     """[B] bool: the sample's group has scores that are not all equal."""
@@ -70,12 +74,14 @@ def dynamic_sample(batch: Batch, *, rollout: Any, reward: Any, prompts: Any, max
     """Generate and score until the step has as many informative groups as prompts (over all
     ranks) or max_rounds is reached; rebalance so every rank gets the same number of groups."""
     target, world, device = len(batch), dist.info().world_size, batch.prompt_ids.device
-    kept, spare, errors, rounds, first_frac, n_local = [], [], 0.0, 0, None, 0
+    kept, spare, rounds, first_frac, n_local = [], [], 0, None, 0
+    counts: dict[str, float] = {}
     while True:
         rounds += 1
         out = rollout.generate(batch)
         scored = reward.score(out)
-        errors += scored.counts.get("reward/errors", 0.0)
+        for key, value in scored.counts.items():  # every round's scoring counts, summed
+            counts[key] = counts.get(key, 0.0) + value
         out = out.with_fields(scores=scored.value).to("cpu")
         keep = informative(out.scores, out.group_ids)
         first_frac = float(keep.float().mean()) if first_frac is None else first_frac
@@ -90,7 +96,7 @@ def dynamic_sample(batch: Batch, *, rollout: Any, reward: Any, prompts: Any, max
                               n=rollout.cfg.n)
     metrics = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/first_round_informative_frac": first_frac,
                "dynamic_sampling/filled_uniform_groups": float(filled)}
-    return Result(mine.to(device), metrics=metrics, counts={"reward/errors": errors})
+    return Result(mine.to(device), metrics=metrics, counts=counts)
 
 
 def _rebalance(kept: Batch, spare: Batch, *, groups_per_rank: int, n: int) -> tuple[Batch, int]:

@@ -21,6 +21,7 @@ from algorithms import common
 from algorithms.advantages import gae, last_token_rewards, whiten
 from algorithms.base import PolicyGradientConfig, register_algorithm
 from algorithms.losses import KLEstimator, ValueLoss, kl_penalty
+from core.config import at_least, between
 from core.graph import Graph, Node
 
 
@@ -34,6 +35,10 @@ class PPOConfig(PolicyGradientConfig):
     reward_kl_coef: float = 0.0
     """KL in the reward: r_t -= coef * k(pi_old, pi_ref) at every token (needs a reference)."""
     reward_kl_estimator: KLEstimator = "k1"
+
+    def __post_init__(self) -> None:
+        between(self, 0, 1, "gamma", "lam")
+        at_least(self, 0, "reward_kl_coef")
 
 
 def token_rewards(rewards_B: torch.Tensor, mask_BR: torch.Tensor, *kl_inputs: torch.Tensor,

@@ -18,6 +18,7 @@ from algorithms import common
 from algorithms.advantages import reinforce_pp_advantages
 from algorithms.base import PolicyGradientConfig, register_algorithm
 from algorithms.losses import kl_penalty
+from core.config import at_least
 from core.graph import Graph, Node
 
 
@@ -28,6 +29,9 @@ class ReinforcePPConfig(PolicyGradientConfig):
     """beta of the k1 KL penalty in the per-token reward (0 builds no reference model)."""
     baseline: bool = False
     """REINFORCE++-baseline: subtract the group mean reward first."""
+
+    def __post_init__(self) -> None:
+        at_least(self, 0, "reward_kl_coef")
 
 
 def advantages(rewards_B: torch.Tensor, mask_BR: torch.Tensor, group_ids_B: torch.Tensor,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from core.config import at_least, between
 from core.graph import Result
 
 
@@ -32,6 +33,10 @@ class RewardShaping:
     """Added when the response matches format_regex."""
     format_penalty: float = 0.0
     """Added (use a negative value) when it does not."""
+
+    def __post_init__(self) -> None:
+        between(self, 0, 1, "overlong_buffer_frac")
+        at_least(self, 0, "overlong_penalty")
 
 
 def overlong_punishment(lengths_B: torch.Tensor, *, max_len: int | torch.Tensor,

@@ -28,6 +28,7 @@ from algorithms.advantages import decoupled_gae, gae, length_adaptive_lambda, wh
 from algorithms.base import register_algorithm
 from algorithms.losses import PolicyLoss
 from algorithms.ppo import PPOConfig, critic_graph_nodes, token_rewards
+from core.config import above, at_least, between
 from core.graph import Graph, Node, Plan, Stage
 
 
@@ -47,6 +48,13 @@ class VAPOConfig(PPOConfig):
     value_pretrain_steps: int = 50
     value_pretrain_window: int = 5
     value_pretrain_tol: float = 0.05
+
+    def __post_init__(self) -> None:
+        PPOConfig.__post_init__(self)
+        between(self, 0, 1, "lam_critic")
+        above(self, 0, "alpha")
+        at_least(self, 0, "value_pretrain_steps", "value_pretrain_tol")
+        at_least(self, 1, "value_pretrain_window")
 
 
 def vapo_advantages(token_rewards_BR: torch.Tensor, values_BR: torch.Tensor, mask_BR: torch.Tensor,

@@ -13,7 +13,9 @@ free-form.
 A section typed with a `Slot` subclass is a *typed slot*: its ``name`` field chooses the
 concrete schema (``Slot.variant(name)``, e.g. ``algorithm.name=dapo`` makes the whole
 ``algorithm:`` section a ``DAPOConfig``), and a bare string stands for ``{name: <string>}``
-(``rollout.engine=sglang``). When a command-line override changes a slot's name from the one
+(``rollout.engine=sglang``). Values are range-checked where a section's ``__post_init__`` says so
+(`at_least`, `above`, `between`): the error names the full key, the allowed range and the
+source. When a command-line override changes a slot's name from the one
 the file chose, the file's other keys of that slot belong to the file's choice and are not
 applied (logged); the new variant starts from its own defaults plus the command line's keys.
 Typical entry point::
@@ -55,6 +57,38 @@ def from_dict(schema: type[T], data: Mapping[str, Any], *, source: str = "<confi
     if not isinstance(data, Mapping):
         raise ValueError(f"config (in {source}) must be a mapping, got {type(data).__name__}")
     return _build(schema, data, "", source)
+
+
+class RangeError(ValueError):
+    """A config value outside its allowed range; the loader names the full key and the source."""
+
+    def __init__(self, field: str, allowed: str, value: Any) -> None:
+        super().__init__(f"{field} must be {allowed}, got {value!r}")
+        self.field, self.allowed, self.value = field, allowed, value
+
+
+def at_least(cfg: Any, bound: float, *names: str) -> None:
+    """Each named field of `cfg` (None skipped) is >= bound; for a `__post_init__`."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not value >= bound:
+            raise RangeError(name, f">= {bound}", value)
+
+
+def above(cfg: Any, bound: float, *names: str) -> None:
+    """Each named field of `cfg` (None skipped) is > bound."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not value > bound:
+            raise RangeError(name, f"> {bound}", value)
+
+
+def between(cfg: Any, low: float, high: float, *names: str, open_high: bool = False) -> None:
+    """Each named field of `cfg` (None skipped) is in [low, high] (or [low, high))."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and not (low <= value < high if open_high else low <= value <= high):
+            raise RangeError(name, f"in [{low}, {high}{')' if open_high else ']'}", value)
 
 
 class Slot:
@@ -163,7 +197,11 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, source: str, base: A
             kwargs[name] = copy.deepcopy(default)
         elif default is dataclasses.MISSING:
             raise ValueError(f"missing required config key '{key}' (in {source})")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except RangeError as e:
+        raise ValueError(f"config key '{_join(prefix, e.field)}' must be {e.allowed}, got {e.value!r} "
+                         f"(in {source})") from None
 
 
 def _default(f: dataclasses.Field) -> Any:

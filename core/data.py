@@ -12,7 +12,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import pyarrow.parquet as pq
 import torch
@@ -214,17 +214,34 @@ class PromptFormat:
     system_prompt: str | None = None
     instruction: str = " Let's think step by step and output the final answer within \\boxed{}."
     """Appended to every problem."""
+    bad_rows: Literal["error", "skip"] = "error"
+    """A malformed row (bad JSON or UTF-8, a missing, null or empty field, a wrong type, an unknown
+    data_source): error (report up to five with file and line; nothing loads), or skip it and
+    log how many were skipped, with the first five."""
 
 
-def read_prompts(path: str | Path, fmt: PromptFormat, tokenizer=None) -> list[PromptRow]:
-    """Rows of a JSONL (one object per line) or Parquet prompt file. Malformed rows are reported
-    with file and line (JSONL) or row number (Parquet), five at a time, and nothing loads."""
+def read_prompts(path: str | Path, fmt: PromptFormat, tokenizer: Any = None, *,
+                 known_source: Callable[[str], bool] | None = None) -> list[PromptRow]:
+    """Rows of a JSONL (one object per line) or Parquet prompt file. The problem must be a
+    non-empty string, the answer present and not null or empty, the data_source (the row's, else
+    data.format.data_source) one `known_source` accepts (a scorer exists for it). Malformed rows
+    follow data.format.bad_rows (see read_rows)."""
     def parse(obj: dict, lineno: int) -> PromptRow:
         _require(obj, fmt.prompt_key, fmt.answer_key)
-        problem = str(obj[fmt.prompt_key])
-        return PromptRow(render_prompt(problem, fmt, tokenizer), obj[fmt.answer_key],
-                         obj.get("data_source") or fmt.data_source, problem, str(obj.get("id", lineno)))
-    return read_rows(path, parse, what="prompt")
+        problem, answer = obj[fmt.prompt_key], obj[fmt.answer_key]
+        if not isinstance(problem, str) or not problem.strip():
+            raise ValueError(f"field {fmt.prompt_key!r} must be a non-empty string, got "
+                             f"{type(problem).__name__} {_short(problem)}")
+        if answer is None or (isinstance(answer, (str, list, dict)) and not (answer.strip() if isinstance(
+                answer, str) else answer)):
+            raise ValueError(f"field {fmt.answer_key!r} must be a non-empty value, got {_short(answer)}")
+        source = obj.get("data_source") or fmt.data_source
+        if not isinstance(source, str) or (known_source is not None and not known_source(source)):
+            raise ValueError(f"data_source {source!r} has no scorer (set reward.source_scorers or "
+                             f"reward.scorer, or fix the row)")
+        return PromptRow(render_prompt(problem, fmt, tokenizer), answer, source, problem,
+                         str(obj.get("id", lineno)))
+    return read_rows(path, parse, what="prompt", bad_rows=fmt.bad_rows)
 
 
 def read_sft_pairs(path: str | Path, fmt: PromptFormat, response_key: str,
@@ -238,7 +255,7 @@ def read_sft_pairs(path: str | Path, fmt: PromptFormat, response_key: str,
         if not isinstance(response, str) or not response:
             raise ValueError(f"field {response_key!r} must be a non-empty string")
         return render_prompt(str(obj[fmt.prompt_key]), fmt, tokenizer), response
-    return read_rows(path, parse, what="SFT")
+    return read_rows(path, parse, what="SFT", bad_rows=fmt.bad_rows)
 
 
 def _require(obj: dict, *keys: str) -> None:
@@ -247,10 +264,16 @@ def _require(obj: dict, *keys: str) -> None:
         raise ValueError(f"missing field(s) {missing} (has: {sorted(obj)})")
 
 
-def read_rows(path: str | Path, parse: Callable[[dict, int], Any], *, what: str) -> list[Any]:
-    """parse(row, line) over a JSONL or Parquet file; every malformed row (bad JSON, not an
-    object, or a ValueError from parse) is reported with file and line, five at a time, and
-    nothing loads."""
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def read_rows(path: str | Path, parse: Callable[[dict, int], Any], *, what: str,
+              bad_rows: Literal["error", "skip"] = "error") -> list[Any]:
+    """parse(row, line) over a JSONL or Parquet file; a malformed row (not UTF-8, bad JSON, not
+    an object, or a ValueError from parse) is reported with file and line: five at a time, and
+    nothing loads (bad_rows="error"), or skipped and counted in a warning ("skip")."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
@@ -273,15 +296,24 @@ def read_rows(path: str | Path, parse: Callable[[dict, int], Any], *, what: str)
             errors.append(f"{path}:{where}{lineno}: {e}")
     if errors:
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        raise ValueError(f"malformed {what} rows:\n  " + "\n  ".join(errors[:5]) + more)
+        listed = "\n  ".join(errors[:5]) + more
+        if bad_rows == "error":
+            raise ValueError(f"malformed {what} rows (data.format.bad_rows=skip skips them):\n  {listed}")
+        logger.warning("%s: skipped %d malformed %s rows of %d (data.format.bad_rows=skip):\n  %s",
+                       path, len(errors), what, len(errors) + len(rows), listed)
     if not rows:
         raise ValueError(f"{what} file {str(path)!r} has no rows")
     return rows
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, ValueError(f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+                continue
             if line.strip():
                 try:
                     yield lineno, json.loads(line)

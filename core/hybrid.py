@@ -17,6 +17,7 @@ from typing import Iterable, Iterator, Protocol
 
 import torch
 
+from core.config import above
 from core.graph import Phase
 from core.offload import MemoryHandoff
 
@@ -31,6 +32,9 @@ class HybridConfig:
     """On CUDA: optimizer states go to CPU during generation (core/offload.py)."""
     offload_params: bool = False
     """On CUDA: the sharded parameters go to CPU during generation too."""
+
+    def __post_init__(self) -> None:
+        above(self, 0, "bucket_mb")
 
 
 class WeightSource(Protocol):

@@ -20,6 +20,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from core.config import above, at_least, between
+
 PEFT_PREFIX = "base_model.model."
 
 
@@ -34,6 +36,11 @@ class LoraConfig:
     """Names of the linear layers that get adapters (Qwen2/Llama naming)."""
     rslora: bool = False
     """Scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA)."""
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "r")
+        above(self, 0, "alpha")
+        between(self, 0, 1, "dropout", open_high=True)
 
 
 def _peft():

@@ -6,12 +6,14 @@ random weights, which is what tests use.
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -35,6 +37,9 @@ class ModelConfig:
     """Local tokenizer folder; default: `path`; with neither, the built-in task's tokenizer."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to transformers ("sdpa", "eager", "flash_attention_2")."""
+    pad_token_id: int | None = None
+    """Padding token id; None: the tokenizer's pad token, or its EOS where it has none (or its pad
+    token lies outside the model's vocabulary: the vocabulary never grows)."""
 
 
 def _check_folder(path: str, what: str) -> Path:
@@ -50,11 +55,7 @@ def build_model(cfg: ModelConfig, *, vocab_size: int | None = None,
     """A causal LM on CPU in `dtype`: from `cfg.path`, else random weights from `cfg.config`
     (seeded, so every rank builds identical weights)."""
     if cfg.path:
-        folder = _check_folder(cfg.path, "model")
-        if not (folder / "config.json").exists():
-            raise FileNotFoundError(f"model folder {str(folder)!r} has no config.json")
-        model = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        model = _load_folder(_check_folder(cfg.path, "model"), dtype, cfg.attn_implementation)
     else:
         if "model_type" not in cfg.config:
             raise ValueError("model: set `model.path` to a local folder, or `model.config` to an "
@@ -72,17 +73,78 @@ def build_model(cfg: ModelConfig, *, vocab_size: int | None = None,
     return model
 
 
-def load_tokenizer(cfg: ModelConfig):
+def _load_folder(folder: Path, dtype: torch.dtype, attn_implementation: str) -> PreTrainedModel:
+    """A model folder, strictly: every file readable (a corrupt one is named), every weight of
+    the architecture present and none unknown, every value finite; errors name the tensor."""
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"model folder {str(folder)!r} has no config.json")
+    try:
+        json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_file}: not valid JSON ({e})") from None
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types, without the path
+            raise ValueError(f"{weights}: cannot read the safetensors file ({type(e).__name__}: {e}); "
+                             f"truncated or corrupt?") from None
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation,
+            output_loading_info=True)
+        model, info = loaded
+    except Exception as e:
+        raise ValueError(f"cannot load model folder {str(folder)!r}: {type(e).__name__}: {e}") from e
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        names = sorted(str(k) for k in info.get(kind) or ())
+        if names:
+            more = f" (and {len(names) - 5} more)" if len(names) > 5 else ""
+            raise ValueError(f"model folder {str(folder)!r}: {kind.replace('_', ' ')} {names[:5]}{more}: "
+                             f"its weights do not match the architecture in config.json")
+    for name, t in model.state_dict().items():
+        if not torch.isfinite(t).all():
+            raise ValueError(f"model folder {str(folder)!r}: tensor {name!r} holds "
+                             f"{int((~torch.isfinite(t)).sum())} non-finite values")
+    return model
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
     """The tokenizer from `cfg.tokenizer` or `cfg.path`; None when neither is set (the caller
-    then uses its built-in task's tokenizer)."""
+    then uses its built-in task's tokenizer). Its pad token is `cfg.pad_token_id`, else its own
+    if the model's vocabulary holds it, else EOS: the vocabulary never grows."""
     src = cfg.tokenizer or cfg.path
     if src is None:
         return None
     folder = _check_folder(src, "tokenizer" if cfg.tokenizer else "model")
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    if tok.pad_token_id is None:
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot load the tokenizer in {str(folder)!r}: {type(e).__name__}: {e}") from e
+    vocab = _model_vocab_size(cfg) or len(tok)
+    if cfg.pad_token_id is not None:
+        if not 0 <= cfg.pad_token_id < vocab:
+            raise ValueError(f"model.pad_token_id={cfg.pad_token_id} is outside the vocabulary (0..{vocab - 1})")
+        tok.pad_token = tok.convert_ids_to_tokens(cfg.pad_token_id)
+    elif tok.pad_token_id is None or tok.pad_token_id >= vocab:
+        if tok.eos_token_id is None:
+            raise ValueError(f"the tokenizer in {str(folder)!r} has neither a pad token in the vocabulary "
+                             f"nor an EOS token; set model.pad_token_id")
+        logger.info("tokenizer %s: pad token %r is %s; padding with EOS %r (id %d)", folder, tok.pad_token,
+                    "missing" if tok.pad_token_id is None else f"outside the model's {vocab} tokens",
+                    tok.eos_token, tok.eos_token_id)
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _model_vocab_size(cfg: ModelConfig) -> int | None:
+    """The vocabulary size in the model folder's config.json (None without one)."""
+    config_file = Path(cfg.path) / "config.json" if cfg.path else None
+    if config_file is None or not config_file.exists():
+        return None
+    size = json.loads(config_file.read_text()).get("vocab_size")
+    return int(size) if size is not None else None
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -78,6 +78,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
+from core.config import at_least
+
 if TYPE_CHECKING:
     from core.mlflow_store import MlflowStore
 
@@ -114,6 +116,10 @@ class TrackingConfig:
     """Rows per sample table; longer inputs are cut."""
     max_failures: int = 3
     """Failed tracking calls in a row after which tracking turns off for the run (0: never)."""
+
+    def __post_init__(self) -> None:
+        at_least(self, 0, "samples_every", "max_failures")
+        at_least(self, 1, "samples_per_log")
 
 
 def resolve_tracking_uri(cfg: TrackingConfig, output_dir: str | Path) -> str:

@@ -29,6 +29,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from core import dist
+from core.config import above, at_least
 from core.models import dtype_of
 from core.reshard import full_weight_buckets
 from launch.build import build_job
@@ -62,6 +63,11 @@ class BenchOptions:
     compare_sync: int = 0
     """Also time this many full weight syncs each way, alternating: one all-gather per bucket
     (the default) against one per parameter."""
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "steps")
+        at_least(self, 0, "warmup", "compare_sync")
+        above(self, 0, "peak_tflops")
 
 
 @dataclass(kw_only=True, slots=True)

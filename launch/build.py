@@ -18,7 +18,7 @@ import algorithms  # noqa: F401  (registers the built-in algorithms)
 from algorithms.base import get_algorithm
 from core import dist
 from core.curriculum import CurriculumStream, difficulty_levels, length_levels
-from core.data import PROMPT_FIELDS, PromptDataset, PromptStream, read_prompts
+from core.data import PROMPT_FIELDS, PromptDataset, PromptRow, PromptStream, read_prompts
 from core.graph import PROMPTS, Graph, Plan, as_plan
 from core.hybrid import HybridEngine
 from core.lora import LoraConfig, apply_lora
@@ -31,6 +31,7 @@ from roles.actor import Actor
 from roles.critic import Critic, ValueModel
 from roles.reference import Reference
 from roles.reward import Reward
+from roles.reward.role import has_scorer
 from roles.rollout import Rollout
 
 logger = logging.getLogger(__name__)
@@ -143,8 +144,11 @@ def value_model(cfg: JobConfig, vocab: int) -> ValueModel:
 def load_prompts(cfg: JobConfig, tokenizer: Any) -> Task:
     """Training and held-out rows: from JSONL files when given, else the built-in task."""
     task = build_task(cfg.data.task) if not (cfg.data.train_files and cfg.data.eval_files) else None
-    train = [r for f in cfg.data.train_files for r in read_prompts(f, cfg.data.format, tokenizer)]
-    held_out = [r for f in cfg.data.eval_files for r in read_prompts(f, cfg.data.format, tokenizer)]
+    def read(path: str) -> list[PromptRow]:
+        return read_prompts(path, cfg.data.format, tokenizer, known_source=lambda s: has_scorer(cfg.reward, s))
+
+    train = [r for f in cfg.data.train_files for r in read(f)]
+    held_out = [r for f in cfg.data.eval_files for r in read(f)]
     if task is not None:
         train, held_out = train or task.train, held_out or task.eval
     return Task(cfg=cfg.data.task, train=train, eval=held_out)
@@ -170,14 +174,14 @@ def build_roles(cfg: JobConfig, used: set[str], tokenizer: Any) -> Roles:
     temperature = cfg.rollout.temperature or 1.0
     vocab = len(tokenizer)
 
-    def policy() -> torch.nn.Module:
-        return build_policy(cfg.model, vocab=vocab, seed=cfg.run.seed, param_dtype=cfg.actor.param_dtype)
+    def policy(model: ModelConfig = cfg.model) -> torch.nn.Module:
+        return build_policy(model, vocab=vocab, seed=cfg.run.seed, param_dtype=cfg.actor.param_dtype)
 
     roles = Roles(actor=Actor(cfg.actor, policy(), total_steps=cfg.run.steps, temperature=temperature),
                   rollout=build_rollout(cfg.rollout, cfg.model, vocab=vocab, tokenizer=tokenizer, seed=cfg.run.seed),
                   reward=Reward(cfg.reward, device=dist.info().device))
     if "reference" in used:
-        roles.reference = Reference(cfg.reference, policy(), temperature=temperature)
+        roles.reference = Reference(cfg.reference, policy(cfg.reference.source(cfg.model)), temperature=temperature)
     if "critic" in used:
         roles.critic = Critic(cfg.critic, value_model(cfg, vocab), total_steps=cfg.run.steps)
     logger.info("built roles: %s", ", ".join(sorted(roles.named())))

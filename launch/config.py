@@ -12,6 +12,7 @@ import algorithms  # noqa: F401  (registers the built-in algorithms, whose Confi
 from algorithms.base import AlgorithmConfig
 from algorithms.grpo import GRPOConfig
 from core.checkpoint import CheckpointConfig
+from core.config import RangeError, above, at_least, between
 from core.curriculum import CurriculumConfig
 from core.data import PromptFormat
 from core.hybrid import HybridConfig
@@ -41,6 +42,9 @@ class RunConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
 
+    def __post_init__(self) -> None:
+        at_least(self, 1, "steps", "stop_after")
+
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
@@ -57,6 +61,9 @@ class DataConfig:
     max_prompt_len: int = 512
     """Longer prompts are dropped (and counted)."""
     shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "prompts_per_step", "max_prompt_len")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -82,6 +89,15 @@ class EvalConfig:
     """Multi-round thinking: re-ask with the previous round's final answer this many times."""
     checkpoint: str | None = None
     """launch.eval: a checkpoints/step_* folder to evaluate instead of model.path's weights."""
+
+    def __post_init__(self) -> None:
+        at_least(self, 0, "every", "temperature")
+        at_least(self, 1, "batch_size", "max_new_tokens", "n", "rounds")
+        between(self, 0, 1, "top_p")
+        above(self, 0, "top_p")
+        for k in self.k:
+            if not 1 <= k <= self.n:
+                raise RangeError("k", f"a list of values in [1, n={self.n}]", self.k)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -25,6 +25,7 @@ from launch.config import JobConfig
 from launch.entry import run_entry
 from launch.evaluate import Sample, run_benchmark, sampling_overrides, summarize
 from launch.state import sharded_state
+from roles.reward.role import has_scorer
 from roles.reward.scorers import extract_answer
 
 logger = logging.getLogger("launch.eval")
@@ -47,7 +48,8 @@ def run_benchmarks(job: Job) -> tuple[list[Sample], dict[str, dict[str, float]]]
     samples: list[Sample] = []
     for name in ev.benchmarks:
         path = benchmark_path(name)
-        rows = read_prompts(path, cfg.data.format, job.tokenizer)
+        rows = read_prompts(path, cfg.data.format, job.tokenizer,
+                            known_source=lambda s: has_scorer(cfg.reward, s))
         samples += run_benchmark(Path(name).stem, rows, rollout=job.roles.rollout, reward=job.roles.reward,
                                  tokenizer=job.tokenizer, fmt=cfg.data.format, n=ev.n, rounds=ev.rounds,
                                  batch_size=ev.batch_size, max_prompt_len=cfg.data.max_prompt_len,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Sequence
 
 from core import dist
+from core.config import at_least
 from core.data import PromptRow, ShardedSampler, read_prompts, read_sft_pairs, shard_rows
 from core.hybrid import HybridConfig, HybridEngine
 from core.lora import LoraConfig
@@ -42,6 +43,7 @@ from launch.runlog import RunLog
 from launch.tasks import build_task, char_tokenizer
 from roles.actor import Actor
 from roles.reward import Reward
+from roles.reward.role import has_scorer
 from roles.rollout import Rollout
 
 logger = logging.getLogger("launch.sft")
@@ -56,6 +58,9 @@ class SFTOptions:
     pack: bool = True
     """Pack several examples per row (False: one example per row, right-padded)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        at_least(self, 2, "max_seq_len")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -123,7 +128,10 @@ def train(cfg: SFTConfig) -> list[dict[str, float]]:
     source = ExampleSource(cfg, tokenizer, rank=info.rank, world_size=info.world_size)
     held_out: list[PromptRow] | None
     if cfg.data.eval_files:
-        held_out = [r for f in cfg.data.eval_files for r in read_prompts(f, cfg.data.format, tokenizer)]
+        reward_cfg = Reward.Config()  # held-out rows are scored by their data source's scorer
+        known = lambda source: has_scorer(reward_cfg, source)  # noqa: E731
+        held_out = [r for f in cfg.data.eval_files
+                    for r in read_prompts(f, cfg.data.format, tokenizer, known_source=known)]
     else:  # the task's split; none when training on files (evaluate benchmarks with launch.eval)
         held_out = None if cfg.data.train_files else build_task(cfg.data.task).eval
     model = build_policy(cfg.model, vocab=len(tokenizer), seed=cfg.run.seed, param_dtype=cfg.actor.param_dtype,

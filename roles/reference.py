@@ -19,6 +19,7 @@ import torch
 
 from core.batch import Batch
 from core.checkpoint import ShardedState
+from core.config import at_least, between
 from core.graph import Phase
 from core.models import ModelConfig, batched_logprobs
 
@@ -40,6 +41,8 @@ class Reference:
         actor; frozen (anchor must be fixed). None: the initial actor."""
 
         def __post_init__(self) -> None:
+            at_least(self, 1, "micro_batch_size", "anchor_every")
+            between(self, 0, 1, "ema_decay", open_high=True)
             if self.model_path is not None and self.anchor != "fixed":
                 raise ValueError(f"reference.model_path (a teacher) is frozen; reference.anchor={self.anchor!r} "
                                  f"would overwrite it with the actor: use anchor=fixed")

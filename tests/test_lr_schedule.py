@@ -69,7 +69,9 @@ def test_train_state_schedule_spans_steps_times_mini_batches_times_epochs(one_pr
     every optimizer step uses lr * multiplier(s) for s = 0..11 and the lr reported after the last
     training step is the floor. A schedule spanning only the 3 training steps (or steps x
     mini_batches) would reach the floor after the first update."""
+    # the update guard off: an lr of 0.5 on a 3-weight model moves it by more than its norm
     cfg = OptimConfig(lr=0.5, warmup_steps=2, lr_schedule=shape, min_lr_ratio=0.1, mini_batches=2, epochs=2,
+                      max_update_ratio=None,
                       micro_batch_size=4, grad_clip=0.0)
     model = torch.nn.Linear(2, 1)
     state = TrainState(model, cfg, total_steps=3)
@@ -94,7 +96,8 @@ def test_train_state_schedule_spans_steps_times_mini_batches_times_epochs(one_pr
 
 def test_train_state_schedule_resumes_from_its_state(one_process):
     """The scheduler state saved in local_state continues the schedule where it stopped."""
-    cfg = OptimConfig(lr=1.0, lr_schedule="linear", warmup_steps=1, mini_batches=1, micro_batch_size=4)
+    cfg = OptimConfig(lr=1.0, lr_schedule="linear", warmup_steps=1, mini_batches=1, micro_batch_size=4,
+                      max_update_ratio=None)
     a = TrainState(torch.nn.Linear(2, 1), cfg, total_steps=5)
     for _ in range(3):
         a.step()

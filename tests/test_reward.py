@@ -38,7 +38,7 @@ def batch(texts: list[str]) -> Batch:
 def test_in_process_scorer_errors_are_counted():
     out = Reward(Reward.Config()).score(batch(["ok", "boom", "no"]))
     assert out.value.tolist() == [1.0, 0.0, 0.0]
-    assert out.counts == {"reward/errors": 1.0, "reward/timeouts": 0.0}
+    assert out.counts == {"reward/errors": 1.0, "reward/timeouts": 0.0, "reward/nonfinite": 0.0}
 
 
 def test_worker_pool_enforces_a_per_sample_time_limit():
@@ -48,7 +48,7 @@ def test_worker_pool_enforces_a_per_sample_time_limit():
         out = reward.score(batch(["ok", "hang", "boom", "no", "hang", "ok"]))
         took = time.perf_counter() - t0
         assert out.value.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-        assert out.counts == {"reward/errors": 1.0, "reward/timeouts": 2.0}
+        assert out.counts == {"reward/errors": 1.0, "reward/timeouts": 2.0, "reward/nonfinite": 0.0}
         assert took < 30  # 0.5 CPU seconds each; wall time depends on the machine's load
         again = reward.score(batch(["ok", "no"]))  # the pool keeps working
         assert again.value.tolist() == [1.0, 0.0] and again.counts["reward/timeouts"] == 0
@@ -67,7 +67,7 @@ def test_sleeping_scorer_charges_only_the_samples_past_the_wall_limit():
         out = reward.score(batch(texts))
         took = time.perf_counter() - t0
         assert out.value.tolist() == [float(t == "ok") for t in texts]
-        assert out.counts == {"reward/errors": 0.0, "reward/timeouts": 4.0}
+        assert out.counts == {"reward/errors": 0.0, "reward/timeouts": 4.0, "reward/nonfinite": 0.0}
         assert took < 4 * 1.5 / 2 + 10
     finally:
         reward._pool.close()
@@ -78,7 +78,7 @@ def test_a_dying_worker_costs_only_its_sample():
     try:
         out = reward.score(batch(["ok", "die", "ok", "no", "die", "ok"]))
         assert out.value.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
-        assert out.counts == {"reward/errors": 2.0, "reward/timeouts": 0.0}
+        assert out.counts == {"reward/errors": 2.0, "reward/timeouts": 0.0, "reward/nonfinite": 0.0}
     finally:
         reward._pool.close()
 
@@ -104,10 +104,13 @@ def test_math_scorer_in_workers_on_real_answers():
         reward._pool.close()
 
 
-@pytest.mark.parametrize("key, value", [("timeout_s", -1.0), ("wall_timeout_s", -5.0)])
-def test_pool_limits_must_be_positive(key, value):
-    with pytest.raises(ValueError, match=f"reward.{key} must be > 0"):
-        Reward(Reward.Config(workers=2, **{key: value}))
+@pytest.mark.parametrize("key, value", [("timeout_s", -1.0), ("wall_timeout_s", -5.0), ("workers", -1)])
+def test_pool_limits_are_checked_when_the_config_loads(key, value):
+    """A negative limit would make every sample a timeout: refused at load, with the full key."""
+    from core.config import load_config
+    from launch.config import JobConfig
+    with pytest.raises(ValueError, match=rf"config key 'reward.{key}' must be >(=)? 0, got {value}"):
+        load_config(JobConfig, None, ["reward.workers=2", f"reward.{key}={value}"])
 
 
 def test_unknown_scorer_fails_at_start_up():

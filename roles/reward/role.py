@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import multiprocessing as mp
 import multiprocessing.connection
 import signal
@@ -27,6 +28,7 @@ from typing import Any, ClassVar
 import torch
 
 from core.batch import Batch
+from core.config import RangeError, above, at_least
 from core.graph import Phase, Result
 from roles.reward import code_scorer
 from roles.reward.sandbox import SandboxConfig, SandboxUnavailable, isolation, weak_samples
@@ -59,6 +61,16 @@ class Reward:
         sandbox: SandboxConfig = field(default_factory=SandboxConfig)
         """Isolation and per-sample limits of the `code` scorer's sandbox (roles/reward/sandbox/__init__.py)."""
 
+        nonfinite_score: float = 0.0
+        """Score of a sample whose scorer returned NaN or +-inf (counted as reward/nonfinite):
+        a broken scorer never puts a non-finite value into rewards and advantages."""
+
+        def __post_init__(self) -> None:
+            at_least(self, 0, "workers")
+            if not math.isfinite(self.nonfinite_score):
+                raise RangeError("nonfinite_score", "a finite number", self.nonfinite_score)
+            above(self, 0, "timeout_s", "wall_timeout_s")
+
     def __init__(self, cfg: Config, *, device: torch.device | str = "cpu") -> None:
         self.cfg = cfg
         self.device = torch.device(device)
@@ -74,7 +86,7 @@ class Reward:
                                   sandbox=cfg.sandbox) if cfg.workers > 0 else None)
 
     def scorer_for(self, data_source: str) -> str:
-        return self.cfg.source_scorers.get(data_source) or self.cfg.scorer or data_source
+        return scorer_name(self.cfg, data_source)
 
     def state_dict(self) -> dict[str, Any]:
         return {}  # stateless between steps
@@ -93,11 +105,28 @@ class Reward:
         outcomes, weak = (self._pool.map(jobs) if self._pool
                           else ([score_one(*job) for job in jobs], 0))
         values = [o if isinstance(o, float) else 0.0 for o in outcomes]
+        nonfinite = [i for i, v in enumerate(values) if not math.isfinite(v)]
+        for i in nonfinite:
+            values[i] = self.cfg.nonfinite_score
+        if nonfinite:
+            logger.warning("%d of %d scores were NaN or inf; scored %s instead (reward.nonfinite_score)",
+                           len(nonfinite), len(values), self.cfg.nonfinite_score)
         counts = {"reward/errors": float(sum(o == ERROR for o in outcomes)),
-                  "reward/timeouts": float(sum(o == TIMEOUT for o in outcomes))}
+                  "reward/timeouts": float(sum(o == TIMEOUT for o in outcomes)),
+                  "reward/nonfinite": float(len(nonfinite))}
         if weak := weak + weak_samples() - weak_before:  # only where allow_weak let them run
             counts["reward/sandbox_weak"] = float(weak)
         return Result(torch.tensor(values, dtype=torch.float32, device=self.device), counts=counts)
+
+
+def scorer_name(cfg: Reward.Config, data_source: str) -> str:
+    """The scorer a sample of `data_source` is scored by under `cfg`."""
+    return cfg.source_scorers.get(data_source) or cfg.scorer or data_source
+
+
+def has_scorer(cfg: Reward.Config, data_source: str) -> bool:
+    """Whether samples of `data_source` have a registered scorer (prompt files check it at load)."""
+    return scorer_name(cfg, data_source) in scorer_names()
 
 
 def score_one(scorer: Scorer, text: str, truth: Any) -> float | str:

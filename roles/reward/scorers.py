@@ -10,6 +10,8 @@ Built-in scorers:
 
 * ``addition``: the built-in ``"045+678="`` task; 1.0 iff the stripped response is exactly the
   fixed-width answer (``"0723"``).
+* ``long_addition``: the built-in ``"4567+8912="`` task; 1.0 iff the text after the last ``=``
+  (the whole response if it has none) is exactly the sum (``"13479"``).
 * ``math``: the last ``\\boxed{...}`` of the response compared with the ground truth by
   mathematical equivalence (``math_verify``). Never raises; any failure scores 0.0.
 
@@ -109,6 +111,30 @@ def addition_scorer(response: str, ground_truth: Any) -> float:
     return float(response.strip() == expected)
 
 
+# --------------------------------------------------------------------------- long addition
+
+@register_scorer("long_addition")
+def long_addition_scorer(response: str, ground_truth: Any) -> float:
+    """1.0 iff the response's final answer is exactly the ground-truth sum, else 0.0.
+
+    The built-in ``long_addition`` task (``"4567+8912="``) answers either right away
+    (``"13479"``: the prompt's own ``=`` is the marker) or after a worked solution whose lines
+    contain no ``=`` and which ends with ``"=13479"``. The final answer is therefore the text
+    after the response's last ``=``, or the whole response if it has none, stripped; whatever
+    comes before the marker is ignored. One reverse search: linear in the response length. A
+    ground truth that is not ASCII digits raises ValueError: that is a data bug, not a wrong
+    answer.
+    """
+    expected = str(ground_truth)
+    if _DIGITS_RE.fullmatch(expected) is None:
+        raise ValueError(f"long_addition ground truth must be ASCII digits, got {expected!r}")
+    return float(_after_last_equals(response) == expected)
+
+
+def _after_last_equals(response: str) -> str:
+    return response[response.rfind("=") + 1:].strip()  # rfind is -1 without a marker: all of it
+
+
 # --------------------------------------------------------------------------- math
 
 PARSE_TIMEOUT_S = 2
@@ -151,17 +177,23 @@ def math_scorer(response: str, ground_truth: Any) -> float:
         return 0.0
 
 
-_ANSWER_TAG_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+def last_answer_tag(text: str) -> str | None:
+    """The content of the last ``<answer>...</answer>``: between the last closing tag and the
+    nearest opening tag before it; None without a complete pair. Two reverse searches, so linear
+    in the length (a regex over many unclosed openings is quadratic)."""
+    end = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, end) if end >= 0 else -1
+    return text[start + len("<answer>"):end] if start >= 0 else None
 
 
 @register_scorer("math_answer_tag")
 def math_answer_tag_scorer(response: str, ground_truth: Any) -> float:
     """As ``math``, but the final answer is the content of the last ``<answer>...</answer>``
     (a ``\boxed{}`` inside it is unwrapped), the R1-Zero template's answer tag."""
-    tags = _ANSWER_TAG_RE.findall(response)
-    if not tags:
+    tag = last_answer_tag(response)
+    if tag is None:
         return 0.0
-    inner = tags[-1].strip()
+    inner = tag.strip()
     return math_scorer(inner if last_boxed(inner) is not None else f"\\boxed{{{inner}}}", ground_truth)
 
 
@@ -268,12 +300,13 @@ def _math_answer(response: str) -> str | None:
 
 
 def _tag_answer(response: str) -> str | None:
-    tags = _ANSWER_TAG_RE.findall(response)
-    return _squash(_normalize(last_boxed(tags[-1]) or tags[-1])) if tags else None
+    tag = last_answer_tag(response)
+    return _squash(_normalize(last_boxed(tag) or tag)) if tag is not None else None
 
 
 EXTRACTORS: dict[str, Callable[[str], str | None]] = {
     "addition": lambda response: response.strip() or None,
+    "long_addition": lambda response: _after_last_equals(response) or None,
     "math": _math_answer,
     "math_answer_tag": _tag_answer,
 }

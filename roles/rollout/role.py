@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedModel
 
 from core.batch import Batch
+from core.config import RangeError, above, at_least, between
 from core.graph import Phase
 from roles.rollout import sglang_engine, torch_engine  # noqa: F401  (register the engines)
 from roles.rollout.engine import Engine, EngineConfig, EngineContext, SamplingParams
@@ -41,6 +42,14 @@ class Rollout:
         """Extra stop tokens (each must be one token of the vocabulary); EOS always stops."""
         dtype: str = "float32"
         """Engine weight dtype; actor weights are cast to it at every sync."""
+
+        def __post_init__(self) -> None:
+            at_least(self, 1, "n", "max_new_tokens")
+            at_least(self, 0, "temperature", "top_k")
+            above(self, 0, "top_p")
+            between(self, 0, 1, "top_p")
+            if self.dtype not in ("float32", "bfloat16", "float16"):
+                raise RangeError("dtype", "one of float32, bfloat16, float16", self.dtype)
 
     def __init__(self, cfg: Config, engine: Engine, tokenizer: Any, *, seed: int, rank: int) -> None:
         self.cfg = cfg

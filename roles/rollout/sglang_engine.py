@@ -33,6 +33,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.distributed as tdist
 
+from core.config import above, at_least, between
 from core.offload import disable_expandable_segments
 from roles.rollout.engine import Engine, EngineConfig, EngineContext, Generation, SamplingParams, register_engine
 
@@ -64,6 +65,12 @@ class SGLangConfig(EngineConfig):
     {enable_deterministic_inference: true} makes the per-sample seeds take effect (slower)."""
     group_timeout_hours: float = 6.0
     """Timeout of the TP group's gloo collectives (ranks wait in them while the leader generates)."""
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "tp_size")
+        above(self, 0, "group_timeout_hours")
+        between(self, 0, 1, "mem_fraction_static")
+        above(self, 0, "mem_fraction_static")
 
     def build(self, ctx: EngineContext) -> SGLangEngine:
         return SGLangEngine(None, pad_token_id=ctx.pad_token_id, device=ctx.device, dtype=ctx.dtype,

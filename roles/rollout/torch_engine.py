@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
+from core.config import at_least
 from roles.rollout.engine import Engine, EngineConfig, EngineContext, Generation, SamplingParams, register_engine
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class TorchEngineConfig(EngineConfig):
     """Prompts are left-padded, and the static cache length (prompt + max_new_tokens) rounded
     up, to a multiple of this, so compiled shapes repeat across steps (torch.compile gives up
     after 8 shapes per function)."""
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "cache_len_multiple")
 
     def build(self, ctx: EngineContext) -> TorchEngine:
         return TorchEngine(ctx.policy(), pad_token_id=ctx.pad_token_id, device=ctx.device, dtype=ctx.dtype,

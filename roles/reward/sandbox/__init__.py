@@ -47,6 +47,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.config import above
 from roles.reward.sandbox import cgroup as sandbox_cgroup
 from roles.reward.sandbox import weak as sandbox_weak
 from roles.reward.sandbox.bwrap import (
@@ -103,10 +104,8 @@ class SandboxConfig:
     refusing; every such sample is counted as ``reward/sandbox_weak``."""
 
     def __post_init__(self) -> None:
-        for name in ("wall_seconds", "cpu_seconds", "memory_mb", "disk_mb", "file_size_mb",
-                     "max_processes", "open_files", "max_output_bytes"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"sandbox.{name} must be > 0, got {getattr(self, name)!r}")
+        above(self, 0, "wall_seconds", "cpu_seconds", "memory_mb", "disk_mb", "file_size_mb",
+              "max_processes", "open_files", "max_output_bytes")
 
 
 @dataclass(frozen=True, slots=True)
