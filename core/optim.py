@@ -134,8 +134,8 @@ class TrainState:
         return dist.all_reduce_scalars({k: float(v) for k, v in shares.items()})
 
     def step(self) -> dict[str, float]:
-        """Clip, step (unless the gradient norm is not finite or the update guard refuses the
-        update), advance the schedule; returns grad_norm (and update_ratio with the guard)."""
+        """Clip, then step and advance the schedule, unless the gradient norm is not finite or
+        the update guard refuses the update; returns grad_norm (and update_ratio with the guard)."""
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         norm_t = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if isinstance(norm_t, DTensor):
@@ -155,6 +155,7 @@ class TrainState:
                            f"(max_update_ratio={self.cfg.max_update_ratio})")
         if refused is None:
             self.optimizer.step()
+            self.scheduler.step()  # a skipped step does not advance the schedule (as Megatron)
             self.version += 1
             self.bad_in_a_row = 0
         else:
@@ -165,7 +166,6 @@ class TrainState:
                 raise NonFiniteError(f"{self.bad_in_a_row} optimizer steps in a row were skipped, the last "
                                      f"because {refused}; stopping (max_bad_steps={self.cfg.max_bad_steps})")
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         return out
 
 
