@@ -152,9 +152,9 @@ class Trainer:
                     logger.info("stopping after step %d (run.stop_after); resume to continue", step)
                     return self.history
         except NonFiniteError as e:
-            latest = self.checkpointer.complete()
-            raise NonFiniteError(f"{e}; the last good checkpoint is "
-                                 f"{latest[-1] if latest else '(none yet)'}") from None
+            good = self.checkpointer.newest_verified()
+            raise NonFiniteError(f"{e}; the newest verified checkpoint is {good} (resume from it with "
+                                 f"run.resume={good})" if good else f"{e}; no checkpoint verifies") from None
         if cfg.checkpoint.export_hf:
             save_hf_folder(self.job.roles.actor.model, self.job.tokenizer, self.out / "hf",
                            is_main=dist.info().is_main)
@@ -165,12 +165,12 @@ class Trainer:
     def _start(self) -> int:
         """Resume from a checkpoint (returns its step), or start fresh: evaluate the initial
         policy (step 0) and run the algorithm's stages (returns 0)."""
-        path = self.checkpointer.resolve(self.cfg.run.resume)
+        path = self.checkpointer.start(self.cfg.run.resume)
         graph = {"graph.mmd": "\n\n".join(g.to_mermaid(PROMPT_FIELDS) for g in self.job.plan.graphs()) + "\n"}
         meta: dict[str, Any] | None = None
         local: dict[str, Any] = {}
         if path is not None:
-            local, meta = self.checkpointer.load(path, sharded=sharded_state(self.job))
+            local, meta = self.checkpointer.load(path, sharded=sharded_state(self.job), verified=True)
         self.log.start(self.cfg, resume_step=meta["step"] if meta else None, files=graph)
         for g in self.job.plan.graphs():
             logger.info("%s", g.to_text(PROMPT_FIELDS))
