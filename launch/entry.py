@@ -6,6 +6,7 @@ import sys
 from typing import Callable, Protocol, Sequence, TypeVar
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from core import dist
 from core.config import load_config, parse_cli, to_yaml
@@ -44,6 +45,7 @@ def run_entry(schema: type[C], body: Callable[[C], R], argv: Sequence[str] | Non
     path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(schema, path, overrides)
     dist.setup_logging(getattr(logging, cfg.run.log_level))
+    hf_logging.disable_progress_bar()  # "Loading weights" bars per model and rank: noise in a run log
     if before_init is not None:
         before_init(cfg)
     dist.init_distributed(device=cfg.run.device)
