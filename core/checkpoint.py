@@ -181,7 +181,8 @@ def _hash_threads() -> int:
     """This rank's share of the CPUs it may run on (torchrun sets OMP_NUM_THREADS=1, so the
     torch thread count says nothing here), at most 8."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    return max(1, min(8, len(os.sched_getaffinity(0)) // max(1, local_world)))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cpus // max(1, local_world)))
 
 
 def describe_files(folder: Path, names: list[str], *, checksums: bool, fsync: bool) -> dict[str, dict[str, Any]]:
@@ -210,6 +211,9 @@ def check_files(folder: Path, entries: Mapping[str, Mapping[str, Any]], *, check
         except FileNotFoundError:
             problems.append(f"{name}: missing file")
             continue
+        except OSError as e:  # a problem to report, never an exception on one rank only
+            problems.append(f"{name}: unreadable ({e})")
+            continue
         if size < want["bytes"]:
             problems.append(f"{name}: truncated ({size} of {want['bytes']} bytes)")
         elif size > want["bytes"]:
@@ -232,8 +236,10 @@ def read_manifest(path: Path) -> tuple[dict[str, Any] | None, str | None]:
                       f"predates manifests)")
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return None, f"{MANIFEST}: unreadable (truncated or not JSON: {e})"
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        return None, f"{MANIFEST}: no file list"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("bytes"), int)
+                                              for e in files.values()):
+        return None, f"{MANIFEST}: no list of files with their sizes"
     return manifest, None
 
 
@@ -258,8 +264,20 @@ def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        # some network and FUSE file systems cannot fsync a directory (their renames are
+        # synchronous); a file that cannot be fsynced is an error
+        if not (path.is_dir() and e.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)):
+            raise
     finally:
         os.close(fd)
+
+
+def _free_bytes(path: Path) -> int:
+    """Free space of the file system holding `path` (its nearest existing ancestor)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def _step_of(path: Path) -> int:
@@ -373,8 +391,8 @@ class Checkpointer:
 
     def resolve(self, resume: str) -> Path | None:
         """The checkpoint `run.resume` asks for, verified (collective): "never", "auto" (the
-        newest that verifies; newer ones that fail are logged, none at all is a fresh start)
-        or a path (which must verify)."""
+        newest that verifies, newer ones that fail are logged; no checkpoint at all: None, a
+        fresh start; checkpoints of which none verifies: an error) or a path (which must verify)."""
         if resume == "never":
             return None
         if resume != "auto":
@@ -491,7 +509,10 @@ class Checkpointer:
             return [v for v, _, _ in gathered]
         message = ""
         if dist.info().is_main:
-            message = self._failure_message(step, tmp, failures, total=sum(n for _, _, n in gathered))
+            try:
+                message = self._failure_message(step, tmp, failures, total=sum(n for _, _, n in gathered))
+            except Exception as e:  # the other ranks wait for a message: always send one
+                message = f"checkpoint step {step} could not be saved to {tmp} ({failures[0][1][0]}; {e})"
         raise CheckpointError(dist.broadcast_object(message)) from own
 
     def _failure_message(self, step: int, tmp: Path, failures: list[tuple[int, tuple[str, bool]]],
@@ -500,7 +521,7 @@ class Checkpointer:
         if the disk is full (torch's writers often lose the errno: "unexpected pos 704 vs 598",
         so a disk that could not have held the save counts as full too)."""
         partial = _folder_bytes(tmp)
-        free = shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free
+        free = _free_bytes(tmp)
         no_space = any(flag for _, (_, flag) in failures) or free < max(total - partial, 0) + (1 << 20)
         first = "; ".join(f"rank {r}: {text}" for r, (text, _) in failures[:2])
         if not no_space:

@@ -126,7 +126,14 @@ def _damaged_newest(out: str) -> dict[str, Any]:
         row["load"] = _error(ck.load, step2, sharded=sharded)
         # no verification at all: still an error naming the path, not a bare EOFError
         row["unverified"] = _error(ck.load, step2, sharded=sharded, verified=True)
+        ck.save(3, sharded=sharded, local={"rank": rank, "step": 3}, meta={})  # keep_last=2
+        row["after_save"] = [p.name for p in ck.candidates()]
         results[fault] = row
+    if rank == 0:
+        (Path(out) / "run" / "checkpoints" / "step_000001" / "manifest.json").unlink()
+        _truncate(Path(out) / "run" / "checkpoints" / "step_000002")
+    dist.barrier()
+    results["none_verifies"] = _error(Checkpointer(CheckpointConfig(), base).resolve, "auto")
     return results
 
 
@@ -149,8 +156,17 @@ def test_damaged_newest_checkpoint_is_named_and_skipped(damaged: dict[str, Any],
     assert any(not torch.equal(damaged["weights"][2][k], v) for k, v in damaged["weights"][1].items())
     for call in ("explicit", "load"):
         assert row[call] is not None and step2 in row[call] and row["expected"] in row[call], row[call]
+    # keep_last=2 counts checkpoints that verify: saving step 3 removed the damaged step 2
+    assert row["after_save"] == ["step_000001", "step_000003"]
     if fault != "overwritten_4k":  # DCP has no checksums: only the manifest catches that one
         assert row["unverified"] is not None and step2 in row["unverified"], row["unverified"]
+
+
+@pytest.mark.dist
+def test_no_checkpoint_that_verifies_is_an_error(damaged: dict[str, Any]) -> None:
+    """auto with checkpoints none of which verifies does not start over silently."""
+    message = damaged["none_verifies"]
+    assert message is not None and "no checkpoint in" in message and "run.resume=never" in message
 
 
 def test_keep_last_zero_is_refused_at_config_load() -> None:
