@@ -12,8 +12,6 @@ Built-in scorers:
   fixed-width answer (``"0723"``).
 * ``long_addition``: the built-in ``"4567+8912="`` task; 1.0 iff the text after the last ``=``
   (the whole response if it has none) is exactly the sum (``"13479"``).
-* ``long_addition``: the built-in ``"4567+8912="`` task; 1.0 iff the text after the last ``=``
-  (the whole response if it has none) is exactly the sum (``"13479"``).
 * ``math``: the last ``\\boxed{...}`` of the response compared with the ground truth by
   mathematical equivalence (``math_verify``). Never raises; any failure scores 0.0.
 
@@ -111,30 +109,6 @@ def addition_scorer(response: str, ground_truth: Any) -> float:
     if _DIGITS_RE.fullmatch(expected) is None:
         raise ValueError(f"addition ground truth must be ASCII digits, got {expected!r}")
     return float(response.strip() == expected)
-
-
-# --------------------------------------------------------------------------- long addition
-
-@register_scorer("long_addition")
-def long_addition_scorer(response: str, ground_truth: Any) -> float:
-    """1.0 iff the response's final answer is exactly the ground-truth sum, else 0.0.
-
-    The built-in ``long_addition`` task (``"4567+8912="``) answers either right away
-    (``"13479"``: the prompt's own ``=`` is the marker) or after a worked solution whose lines
-    contain no ``=`` and which ends with ``"=13479"``. The final answer is therefore the text
-    after the response's last ``=``, or the whole response if it has none, stripped; whatever
-    comes before the marker is ignored. One reverse search: linear in the response length. A
-    ground truth that is not ASCII digits raises ValueError: that is a data bug, not a wrong
-    answer.
-    """
-    expected = str(ground_truth)
-    if _DIGITS_RE.fullmatch(expected) is None:
-        raise ValueError(f"long_addition ground truth must be ASCII digits, got {expected!r}")
-    return float(_after_last_equals(response) == expected)
-
-
-def _after_last_equals(response: str) -> str:
-    return response[response.rfind("=") + 1:].strip()  # rfind is -1 without a marker: all of it
 
 
 # --------------------------------------------------------------------------- long addition
@@ -332,7 +306,6 @@ def _tag_answer(response: str) -> str | None:
 
 EXTRACTORS: dict[str, Callable[[str], str | None]] = {
     "addition": lambda response: response.strip() or None,
-    "long_addition": lambda response: _after_last_equals(response) or None,
     "long_addition": lambda response: _after_last_equals(response) or None,
     "math": _math_answer,
     "math_answer_tag": _tag_answer,
