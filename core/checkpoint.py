@@ -80,6 +80,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from core import dist
+from core.config import at_least
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +105,8 @@ class CheckpointConfig:
     """What a manifest records and resume checks: sizes and checksums, or sizes only."""
 
     def __post_init__(self) -> None:
-        if self.every < 0:
-            raise ValueError(f"config key 'checkpoint.every' must be >= 0 (0: only after the last "
-                             f"step), got {self.every}")
-        if self.keep_last < 1:
-            raise ValueError(f"config key 'checkpoint.keep_last' must be >= 1 (the newest verified "
-                             f"checkpoint is always kept), got {self.keep_last}")
+        at_least(self, 0, "every")
+        at_least(self, 1, "keep_last")  # the newest verified checkpoint is always kept
 
 
 class CheckpointError(RuntimeError):
