@@ -9,7 +9,8 @@ import torch
 from core.batch import Batch
 from core.models import build_model, token_logprobs
 from roles.rollout.engine import SamplingParams
-from roles.rollout.torch_engine import TorchEngine, truncate
+from roles.rollout.sampling import truncate
+from roles.rollout.torch_engine import TorchEngine
 from tests.helpers import tiny_model_config
 
 PROMPTS = torch.tensor([[0, 0, 5, 6, 7], [3, 4, 5, 6, 7], [0, 0, 0, 9, 8]])
@@ -116,3 +117,91 @@ def test_compiled_decode_generates_what_eager_does(engine):
     for sampling in CASES[:2]:
         assert_same_generation(compiled.generate(PROMPTS, MASK, sampling),
                                engine.generate(PROMPTS, MASK, sampling))
+
+
+# --- requests, continuous batching, pausing ---------------------------------------------------
+
+from roles.rollout.engine import Request, request_seed  # noqa: E402
+from roles.rollout.sampling import uniforms  # noqa: E402
+from roles.rollout.torch_engine import TorchEngineConfig  # noqa: E402
+
+UNEVEN = SamplingParams(temperature=1.0, max_new_tokens=12, stop_token_ids=(3, 4))
+
+
+def _requests(n: int, sampling: SamplingParams = UNEVEN, seed: int = 11) -> list[Request]:
+    prompts = [(5, 6, 7), (3, 4, 5, 6, 7), (9, 8), (7,), (8, 9, 10, 11, 12, 13)]
+    return [Request(prompt=prompts[i % len(prompts)], sampling=sampling.with_seed(request_seed(seed, i)))
+            for i in range(n)]
+
+
+def _engine(**opts) -> TorchEngine:
+    return TorchEngine(build_model(tiny_model_config(), seed=0), pad_token_id=0, device=torch.device("cpu"),
+                       options=TorchEngineConfig(**opts))
+
+
+def test_a_requests_tokens_do_not_depend_on_the_batch_or_the_scheduler():
+    """Per-request seeds: alone, in a batch of 20, with 3 rows running at a time (finished rows
+    leave, waiting ones join), or in lockstep on a static cache: the same tokens and log-probs."""
+    reqs = _requests(20)
+    full = _engine().generate_requests(reqs)
+    few = _engine(max_running=3).generate_requests(reqs)
+    static = _engine(static_cache=True).generate_requests(reqs)
+    alone = [_engine().generate_requests([r])[0] for r in reqs[:5]]
+    lengths = {len(c.tokens) for c in full}
+    assert len(lengths) > 3, lengths  # uneven: stop tokens end some early
+    for other in (few, static, alone):
+        for a, b in zip(full, other):
+            assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+            assert a.logp == pytest.approx(b.logp, abs=1e-5)
+
+
+def test_continuous_batching_computes_only_the_tokens_it_produces():
+    engine = _engine(max_running=4)
+    out = engine.generate_requests(_requests(40))
+    produced = sum(len(c.tokens) for c in out)
+    assert engine.last_stats["tokens"] == produced
+    # finished rows leave: at most an eighth of the running rows (rounded up) idles per step
+    assert engine.last_stats["useful_frac"] > 0.7
+    lockstep = _engine(static_cache=True)
+    lockstep.generate_requests(_requests(40))
+    assert lockstep.last_stats["useful_frac"] < engine.last_stats["useful_frac"]
+
+
+def test_a_paused_request_continues_where_it_stopped():
+    """Pause after 3 completions: the rest come back "paused" with their tokens; continuing them
+    with prefix = those tokens gives exactly what an uninterrupted call gives."""
+    reqs = _requests(12)
+    whole = _engine().generate_requests(reqs)
+    engine = _engine(max_running=4)
+    first = engine.generate_requests(reqs, pause=lambda done: len(done) >= 3)
+    assert sum(c.finish_reason != "paused" for c in first) >= 3
+    assert any(c.finish_reason == "paused" for c in first)
+    again = [Request(prompt=r.prompt, sampling=r.sampling, prefix=c.tokens)
+             for r, c in zip(reqs, first) if c.finish_reason == "paused"]
+    rest = iter(engine.generate_requests(again))
+    for w, f in zip(whole, first):
+        got = f if f.finish_reason != "paused" else (lambda c: type(c)(f.tokens + c.tokens, f.logp + c.logp,
+                                                                       c.finish_reason))(next(rest))
+        assert got.tokens == w.tokens and got.finish_reason == w.finish_reason
+        assert got.logp == pytest.approx(w.logp, abs=1e-5)
+
+
+def test_a_prefix_counts_toward_the_budget():
+    r = Request(prompt=(5, 6), sampling=SamplingParams(temperature=1.0, max_new_tokens=6, seed=3), prefix=(7, 8, 9))
+    out = _engine().generate_requests([r])[0]
+    assert len(out.tokens) <= 3 and (out.finish_reason == "stop" or len(out.tokens) == 3)
+    with pytest.raises(ValueError, match="leaves nothing"):
+        Request(prompt=(5,), sampling=SamplingParams(max_new_tokens=2), prefix=(1, 2))
+
+
+def test_the_per_request_generator_is_uniform():
+    """U(seed, t) over 100k (seed, t) pairs: the mean, the variance and ten equal bins are those
+    of a uniform distribution (deterministic: the inputs are fixed)."""
+    seeds = torch.arange(1000).repeat_interleave(100)
+    steps = torch.arange(100).repeat(1000)
+    u = uniforms(seeds, steps)
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    assert float(u.mean()) == pytest.approx(0.5, abs=0.005) and float(u.var()) == pytest.approx(1 / 12, abs=0.002)
+    counts = torch.histc(u.float(), bins=10, min=0, max=1)
+    assert ((counts - 10_000).abs() < 400).all(), counts
+    assert not torch.equal(uniforms(seeds, steps), uniforms(seeds + 1, steps))

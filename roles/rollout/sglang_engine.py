@@ -35,7 +35,7 @@ import torch.distributed as tdist
 
 from core.config import above, at_least, between
 from core.offload import disable_expandable_segments
-from roles.rollout.engine import Engine, EngineConfig, EngineContext, Generation, SamplingParams, register_engine
+from roles.rollout.engine import Completion, Engine, EngineConfig, EngineContext, PauseRule, Request, register_engine
 
 logger = logging.getLogger(__name__)
 
@@ -109,23 +109,20 @@ def engine_kwargs(cfg: SGLangConfig, *, model_path: str, dtype: torch.dtype, bas
             **cfg.server_args}
 
 
-def sampling_dicts(sampling: SamplingParams, n_prompts: int, stop_token_ids: Sequence[int]
-                   ) -> list[dict[str, Any]]:
-    """One SGLang sampling-params dict per request (each prompt repeated n times, adjacent)."""
-    out = []
-    for i in range(n_prompts * sampling.n):
-        out.append({
-            "temperature": sampling.temperature,   # 0: SGLang decodes greedily
-            "top_p": sampling.top_p,
-            "top_k": sampling.top_k if sampling.top_k > 0 else -1,
-            "max_new_tokens": sampling.max_new_tokens,
-            "stop_token_ids": list(stop_token_ids),
-            "skip_special_tokens": False,
-            "no_stop_trim": True,                  # keep the stop token: it is trained on
-            # effective only with server_args {enable_deterministic_inference: true}
-            "sampling_seed": (sampling.seed * 1_000_003 + i) % (2**31),
-        })
-    return out
+def sampling_dict(request: Request, stop_token_ids: Sequence[int]) -> dict[str, Any]:
+    """The SGLang sampling-params dict of one request (its budget minus its prefix, its seed)."""
+    sp = request.sampling
+    return {
+        "temperature": sp.temperature,   # 0: SGLang decodes greedily
+        "top_p": sp.top_p,
+        "top_k": sp.top_k if sp.top_k > 0 else -1,
+        "max_new_tokens": sp.max_new_tokens - len(request.prefix),
+        "stop_token_ids": list(stop_token_ids),
+        "skip_special_tokens": False,
+        "no_stop_trim": True,                  # keep the stop token: it is trained on
+        # effective only with server_args {enable_deterministic_inference: true}
+        "sampling_seed": sp.seed % (2**31),
+    }
 
 
 def check(result: Any, what: str) -> None:
@@ -141,28 +138,20 @@ def check(result: Any, what: str) -> None:
         raise RuntimeError(f"SGLang {what} failed: {message}")
 
 
-def to_generation(outputs: list[dict[str, Any]], pad_token_id: int) -> Generation:
+def to_completions(outputs: list[dict[str, Any]]) -> list[Completion]:
     """SGLang's per-request dicts (output_ids, meta_info.output_token_logprobs as
-    (logprob, token id, text) triples, meta_info.finish_reason.type) as a Generation."""
-    width = max([1] + [len(o["output_ids"]) for o in outputs])
-    N = len(outputs)
-    ids = torch.full((N, width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((N, width), dtype=torch.long)
-    logp = torch.zeros((N, width), dtype=torch.float32)
-    reasons = []
-    for i, o in enumerate(outputs):
+    (logprob, token id, text) triples, meta_info.finish_reason.type) as Completions."""
+    out = []
+    for o in outputs:
         toks = o["output_ids"]
         lps = [lp for lp, _tid, _text in o["meta_info"]["output_token_logprobs"]]
         if len(lps) != len(toks):
             raise ValueError(f"SGLang returned {len(toks)} tokens but {len(lps)} log-probs")
-        ids[i, :len(toks)] = torch.tensor(toks, dtype=torch.long)
-        mask[i, :len(toks)] = 1
-        logp[i, :len(toks)] = torch.tensor(lps, dtype=torch.float32)
         reason = (o["meta_info"].get("finish_reason") or {}).get("type", "length")
         if reason == "abort":
             raise RuntimeError(f"SGLang aborted a request: {o['meta_info']['finish_reason']}")
-        reasons.append("stop" if reason == "stop" else "length")
-    return Generation(response_ids=ids, response_mask=mask, logp=logp, finish_reason=reasons)
+        out.append(Completion(tuple(toks), tuple(float(x) for x in lps), "stop" if reason == "stop" else "length"))
+    return out
 
 
 class SGLangEngine(Engine):
@@ -301,26 +290,26 @@ class SGLangEngine(Engine):
     # --- generation ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                 sampling: SamplingParams) -> Generation:
-        prompts = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids.cpu(), prompt_mask.cpu())]
-        groups = self._gather(prompts)
+    def generate_requests(self, requests: Sequence[Request], *, pause: PauseRule | None = None
+                          ) -> list[Completion]:
+        """Token in, token out: input_ids = prompt + prefix; only the new tokens come back. The TP
+        group's requests go to its leader's engine in rank order and the results come back."""
+        if pause is not None:
+            raise NotImplementedError("partial rollouts (pause) are not implemented on the sglang "
+                                      "engine yet; use the torch engine")
+        groups = self._gather([(list(r.prompt + r.prefix), sampling_dict(r, self.stop_token_ids))
+                               for r in requests])
         outputs: list[list[dict]] | None = None
         if self.engine is not None:
-            flat = [p for g in groups for p in g]
-            repeated = [p for p in flat for _ in range(sampling.n)]
+            flat = [job for g in groups for job in g]
             result = self.engine.generate(
-                input_ids=repeated, sampling_params=sampling_dicts(sampling, len(flat), self.stop_token_ids),
-                return_logprob=True) if repeated else []
+                input_ids=[ids for ids, _ in flat], sampling_params=[sp for _, sp in flat],
+                return_logprob=True) if flat else []
             outputs, start = [], 0
             for g in groups:
-                outputs.append(result[start:start + len(g) * sampling.n])
-                start += len(g) * sampling.n
-        mine = self._scatter(outputs)
-        gen = to_generation(mine, self.pad_token_id)
-        return Generation(response_ids=gen.response_ids.to(self.device),
-                          response_mask=gen.response_mask.to(self.device),
-                          logp=gen.logp.to(self.device), finish_reason=gen.finish_reason)
+                outputs.append(result[start:start + len(g)])
+                start += len(g)
+        return to_completions(self._scatter(outputs))
 
     def _gather(self, obj: Any) -> list[Any]:
         """Every group rank's obj on the leader (in TP rank order); [] elsewhere."""

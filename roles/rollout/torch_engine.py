@@ -1,32 +1,49 @@
-"""The `torch` rollout engine: batched sampling with a KV cache for any HF causal LM.
+"""The `torch` rollout engine: sampling with a KV cache for any HF causal LM, request by request.
 
-The engine keeps its own full (unsharded) copy of the policy in the engine dtype. Prompts are
-left-padded, so every row's next token is at the last column and one forward per new token
-serves the whole batch; a `DynamicCache` holds keys and values between steps. Finished rows keep
-running (padding) until every row is done, which is cheaper than reshaping the cache for the
-short responses RL produces on CPU.
+The engine keeps its own full (unsharded) copy of the policy in the engine dtype and serves
+`Request`s (roles/rollout/engine.py) with one of two schedulers:
 
-On GPU (`rollout.torch_engine`): a static KV cache (fixed shapes, kept between calls of a
-generation phase, freed when training takes the device) and optionally a compiled decode step
-(torch.compile; CUDA graphs with mode "reduce-overhead"). Static and growing caches give the
-same tokens (tests/test_engine.py); the compiled path has not run on a GPU yet (docs/gpu.md).
+* **continuous** (the default with a growing cache: CPU, and GPU with static_cache=false): a
+  bounded set of running rows (`max_running`) shares one `DynamicCache`. Finished rows leave (the
+  cache is compacted once an eighth of the rows are done), waiting requests join when a quarter
+  of the slots are free (their prefill is merged into the cache, left-padded to its length, and
+  left columns every row pads are trimmed), so compute follows the tokens actually produced
+  instead of every row running until the longest is done. A `pause` rule ends the call early:
+  unfinished requests come back as "paused" with the tokens they have (partial rollouts).
+* **lockstep** (static cache: the default on CUDA, and with compile): every request is admitted
+  at once, left-padded, and runs until all are done, on a preallocated `StaticCache` of fixed
+  shape kept between the calls of a generation phase (freed when training takes the device),
+  optionally with a compiled decode step (torch.compile; CUDA graphs with mode
+  "reduce-overhead"). The compiled path has not run on a GPU yet (docs/gpu.md).
 
-Log-probs: the engine reports log softmax(logits / T) of the sampled token, before top-k/top-p
-truncation (the convention of verl and OpenRLHF), which is exactly what the actor recomputes.
-Greedy decoding (T = 0) reports log softmax(logits).
+Both sample with per-request randomness (roles/rollout/sampling.py), so a request's tokens do not
+depend on the scheduler or on the other requests (up to the float rounding of differently shaped
+batches); greedy decoding is argmax.
 """
 from __future__ import annotations
 
 import inspect
 import logging
+from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
+from transformers.cache_utils import DynamicLayer
 
 from core.config import at_least
-from roles.rollout.engine import Engine, EngineConfig, EngineContext, Generation, SamplingParams, register_engine
+from roles.rollout.engine import (
+    Completion,
+    Engine,
+    EngineConfig,
+    EngineContext,
+    PauseRule,
+    Request,
+    SamplingParams,
+    register_engine,
+)
+from roles.rollout.sampling import sample_next
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +62,11 @@ class TorchEngineConfig(EngineConfig):
     """Prompts are left-padded, and the static cache length (prompt + max_new_tokens) rounded
     up, to a multiple of this, so compiled shapes repeat across steps (torch.compile gives up
     after 8 shapes per function)."""
+    max_running: int = 512
+    """Continuous scheduler: requests generated at once (a bound on the KV cache's rows)."""
 
     def __post_init__(self) -> None:
-        at_least(self, 1, "cache_len_multiple")
+        at_least(self, 1, "cache_len_multiple", "max_running")
 
     def build(self, ctx: EngineContext) -> TorchEngine:
         return TorchEngine(ctx.policy(), pad_token_id=ctx.pad_token_id, device=ctx.device, dtype=ctx.dtype,
@@ -72,6 +91,8 @@ class TorchEngine(Engine):
         self.static = opts.compile or (opts.static_cache if opts.static_cache is not None
                                        else device.type == "cuda")
         self._cache: tuple[tuple[int, int], StaticCache] | None = None
+        self.last_stats: dict[str, float] = {}
+        """tokens, row_steps and useful_frac of the last generate call."""
         self._decode: Callable[..., torch.Tensor] = self._forward
         if opts.compile:
             mode = "reduce-overhead" if device.type == "cuda" else None
@@ -102,62 +123,61 @@ class TorchEngine(Engine):
         pass
 
     @torch.no_grad()
-    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                 sampling: SamplingParams) -> Generation:
-        ids_NP = prompt_ids.to(self.device).repeat_interleave(sampling.n, dim=0)
-        mask_NP = prompt_mask.to(self.device).long().repeat_interleave(sampling.n, dim=0)
-        N = ids_NP.shape[0]
-        gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
-        stop = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=self.device)
+    def generate_requests(self, requests: Sequence[Request], *, pause: PauseRule | None = None
+                          ) -> list[Completion]:
+        if not requests:
+            return []
+        sampling = requests[0].sampling
+        if not all(r.sampling.same_distribution(sampling) for r in requests):
+            raise ValueError("the requests of one call must share temperature, top_p, top_k and stop tokens")
+        if self.static:
+            if pause is not None:
+                raise ValueError("pausing (partial rollouts) needs the continuous scheduler: "
+                                 "rollout.engine.static_cache=false")
+            return self._lockstep(requests, sampling)
+        return _Continuous(self, requests, sampling, pause).run()
 
-        if self.static and ids_NP.shape[1] % self.opts.cache_len_multiple:
+    def _lockstep(self, requests: Sequence[Request], sampling: SamplingParams) -> list[Completion]:
+        """Every request at once on a static cache of fixed shape (see the module docstring)."""
+        N = len(requests)
+        ids_NP, mask_NP = self._left_padded([r.prompt + r.prefix for r in requests])
+        if ids_NP.shape[1] % self.opts.cache_len_multiple:
             # left-pad prompts to a multiple too, so the cache length (and the compiled decode
             # step's shapes) repeat across batches with different prompt lengths
             extra = self.opts.cache_len_multiple - ids_NP.shape[1] % self.opts.cache_len_multiple
             ids_NP = torch.nn.functional.pad(ids_NP, (extra, 0), value=self.pad_token_id)
             mask_NP = torch.nn.functional.pad(mask_NP, (extra, 0), value=0)
         P = ids_NP.shape[1]
+        budget = max(r.sampling.max_new_tokens - len(r.prefix) for r in requests)
         pos_NP = (mask_NP.cumsum(-1) - 1).clamp(min=0)
-        if self.static:
-            # Fixed shapes: the mask spans the whole cache (future slots 0) and each decode step
-            # writes slot P + t, so every step after the prefill has the same shapes.
-            cache: DynamicCache | StaticCache
-            cache, length = self._static_cache(N, P + sampling.max_new_tokens)
-            attn = torch.zeros((N, length), dtype=torch.long, device=self.device)
-            attn[:, :P] = mask_NP
-            logits_NV = self._forward(ids_NP, attn, pos_NP, cache,
-                                      torch.arange(P, device=self.device))
-        else:
-            cache = DynamicCache(config=self.model.config)
-            attn = mask_NP
-            logits_NV = self._forward(ids_NP, mask_NP, pos_NP, cache)
+        # Fixed shapes: the mask spans the whole cache (future slots 0) and each decode step
+        # writes slot P + t, so every step after the prefill has the same shapes.
+        cache, length = self._static_cache(N, P + budget)
+        attn = torch.zeros((N, length), dtype=torch.long, device=self.device)
+        attn[:, :P] = mask_NP
+        logits_NV = self._forward(ids_NP, attn, pos_NP, cache, torch.arange(P, device=self.device))
         next_pos_N1 = pos_NP[:, -1:] + 1
-
-        tokens, logps, masks = [], [], []
-        done_N = torch.zeros(N, dtype=torch.bool, device=self.device)
-        for _ in range(sampling.max_new_tokens):
-            tok_N, logp_N = sample_next(logits_NV, sampling, gen)
-            tok_N = torch.where(done_N, torch.full_like(tok_N, self.pad_token_id), tok_N)
-            tokens.append(tok_N)
-            logps.append(torch.where(done_N, torch.zeros_like(logp_N), logp_N))
-            masks.append((~done_N).long())
-            done_N = done_N | torch.isin(tok_N, stop)
-            if bool(done_N.all()):
+        rows = _Rows(requests, self.device)
+        for t in range(budget):
+            tok_N = rows.sample(logits_NV, sampling, range(N))
+            if rows.all_done():
                 break
-            if self.static:
-                slot = P + len(tokens) - 1
-                attn[:, slot] = 1
-                logits_NV = self._decode(tok_N[:, None], attn, next_pos_N1, cache,
-                                         torch.tensor([slot], device=self.device)).clone()
-            else:
-                attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-                logits_NV = self._forward(tok_N[:, None], attn, next_pos_N1, cache)
+            slot = P + t
+            attn[:, slot] = 1
+            logits_NV = self._decode(tok_N[:, None], attn, next_pos_N1, cache,
+                                     torch.tensor([slot], device=self.device)).clone()
             next_pos_N1 = next_pos_N1 + 1
+        self.last_stats = rows.stats()
+        return rows.completions()
 
-        response_mask = torch.stack(masks, dim=1)
-        finish = ["stop" if d else "length" for d in done_N.tolist()]
-        return Generation(torch.stack(tokens, dim=1), response_mask,
-                          torch.stack(logps, dim=1).float(), finish)
+    def _left_padded(self, seqs: Sequence[tuple[int, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(1, max(len(q) for q in seqs))  # an empty prompt is one masked pad
+        ids = torch.full((len(seqs), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, q in enumerate(seqs):
+            ids[i, width - len(q):] = torch.tensor(q, dtype=torch.long)
+            mask[i, width - len(q):] = 1
+        return ids.to(self.device), mask.to(self.device)
 
     def _forward(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor,
                  cache: DynamicCache | StaticCache, cache_position: torch.Tensor | None = None
@@ -182,30 +202,171 @@ class TorchEngine(Engine):
         return cache, length
 
 
-def sample_next(logits_NV: torch.Tensor, sampling: SamplingParams,
-                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One token per row and its log-prob under softmax(logits / T) (T = 1 when greedy)."""
-    if sampling.temperature == 0:
-        tok_N = logits_NV.argmax(-1)
-        logp_NV = logits_NV.log_softmax(-1)
-    else:
-        scaled = logits_NV / sampling.temperature
-        logp_NV = scaled.log_softmax(-1)
-        tok_N = torch.multinomial(truncate(scaled, sampling).softmax(-1), 1, generator=gen)[:, 0]
-    return tok_N, logp_NV.gather(-1, tok_N[:, None])[:, 0]
+class _Rows:
+    """Per-request bookkeeping of one call: tokens and log-probs so far, done flags, seeds and
+    each request's next response index (for the sampler's stream)."""
+
+    def __init__(self, requests: Sequence[Request], device: torch.device) -> None:
+        self.requests = requests
+        self.tokens: list[list[int]] = [[] for _ in requests]
+        self.logps: list[list[float]] = [[] for _ in requests]
+        self.reason: list[str | None] = [None] * len(requests)
+        self.seed = torch.tensor([r.sampling.seed for r in requests], dtype=torch.long, device=device)
+        self.row_steps = 0
+        """Rows sampled, summed over steps (a done row still waiting for eviction counts)."""
+        self.stops = torch.tensor(requests[0].sampling.stop_token_ids or (-1,), dtype=torch.long, device=device)
+        self.done_order: list[int] = []
+
+    def all_done(self) -> bool:
+        return all(r is not None for r in self.reason)
+
+    def sample(self, logits_NV: torch.Tensor, sampling: SamplingParams, which: Sequence[int]) -> torch.Tensor:
+        """Sample the next token of requests `which` (one per row of logits_NV); rows of done
+        requests are sampled too (they still hold a cache row) but their tokens are dropped."""
+        index = torch.tensor(list(which), dtype=torch.long, device=self.seed.device)
+        step = torch.tensor([len(self.requests[i].prefix) + len(self.tokens[i]) for i in which],
+                            dtype=torch.long, device=self.seed.device)
+        tok_N, logp_N = sample_next(logits_NV, sampling, self.seed[index], step)
+        self.row_steps += len(index)
+        stopped = torch.isin(tok_N, self.stops).tolist()
+        for row, (i, tok, lp) in enumerate(zip(which, tok_N.tolist(), logp_N.tolist())):
+            if self.reason[i] is not None:
+                continue
+            self.tokens[i].append(tok)
+            self.logps[i].append(lp)
+            if stopped[row]:
+                self.reason[i] = "stop"
+            elif len(self.requests[i].prefix) + len(self.tokens[i]) >= self.requests[i].sampling.max_new_tokens:
+                self.reason[i] = "length"
+            if self.reason[i] is not None:
+                self.done_order.append(i)
+        return tok_N
+
+    def stats(self) -> dict[str, float]:
+        """tokens produced, rows computed, and their ratio (the useful fraction of the work)."""
+        tokens = sum(len(t) for t in self.tokens)
+        return {"tokens": float(tokens), "row_steps": float(self.row_steps),
+                "useful_frac": tokens / max(self.row_steps, 1)}
+
+    def completions(self) -> list[Completion]:
+        return [Completion(tuple(t), tuple(lp), r or "paused")  # type: ignore[arg-type]
+                for t, lp, r in zip(self.tokens, self.logps, self.reason)]
 
 
-def truncate(logits_NV: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
-    """Top-k then top-p (nucleus) filtering; removed tokens get -inf."""
-    out = logits_NV
-    if 0 < sampling.top_k < out.shape[-1]:
-        kth = out.topk(sampling.top_k, dim=-1).values[:, -1:]
-        out = out.masked_fill(out < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        sorted_logits, order = out.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # Drop a token when the mass before it already reaches top_p (the first always stays).
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= sampling.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        out = out.masked_fill(drop, float("-inf"))
-    return out
+class _Continuous:
+    """The continuous scheduler of one call (see the module docstring)."""
+
+    def __init__(self, engine: TorchEngine, requests: Sequence[Request], sampling: SamplingParams,
+                 pause: PauseRule | None) -> None:
+        self.engine, self.sampling, self.pause = engine, sampling, pause
+        self.rows = _Rows(requests, engine.device)
+        self.waiting = deque(range(len(requests)))
+        self.limit = engine.opts.max_running
+        self.running: list[int] = []
+        self.cache: DynamicCache | None = None
+        self.attn = torch.zeros((0, 0), dtype=torch.long, device=engine.device)
+        self.next_pos = torch.zeros((0, 1), dtype=torch.long, device=engine.device)
+        self.logits: torch.Tensor | None = None
+
+    def run(self) -> list[Completion]:
+        completed = 0
+        while self.waiting or self.running:
+            free = self.limit - len(self.running)
+            if self.waiting and (not self.running or free >= max(1, self.limit // 4)):
+                self._admit([self.waiting.popleft() for _ in range(min(free, len(self.waiting)))])
+            assert self.logits is not None
+            tok_N = self.rows.sample(self.logits, self.sampling, self.running)
+            if len(self.rows.done_order) > completed:
+                completed = len(self.rows.done_order)
+                if self.pause is not None and self.pause(self.rows.done_order):
+                    break
+            done = [self.rows.reason[i] is not None for i in self.running]
+            if all(done) and not self.waiting:
+                break
+            if sum(done) >= max(1, len(self.running) // 8) or all(done):
+                tok_N = self._evict(done, tok_N)
+            if self.running:
+                self._step(tok_N)
+        self.engine.last_stats = self.rows.stats()
+        return self.rows.completions()
+
+    def _admit(self, new: list[int]) -> None:
+        """Prefill `new` (prompt + prefix, left-padded) and merge them into the running cache."""
+        eng = self.engine
+        ids, mask = eng._left_padded([self.rows.requests[i].prompt + self.rows.requests[i].prefix for i in new])
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=eng.model.config)
+        logits = eng._forward(ids, mask, pos, cache)
+        if self.cache is None or not self.running:
+            self.cache, self.attn, self.next_pos, self.logits = cache, mask, pos[:, -1:] + 1, logits
+        else:
+            width = max(self.attn.shape[1], mask.shape[1])
+            _merge_caches(self.cache, cache, width)
+            self.attn = torch.cat([_pad_left(self.attn, width), _pad_left(mask, width)])
+            self.next_pos = torch.cat([self.next_pos, pos[:, -1:] + 1])
+            assert self.logits is not None
+            self.logits = torch.cat([self.logits, logits])
+        self.running = self.running + new
+
+    def _evict(self, done: list[bool], tok_N: torch.Tensor) -> torch.Tensor:
+        """Drop the rows of finished requests, and left columns every remaining row pads."""
+        keep = [k for k, d in enumerate(done) if not d]
+        self.running = [self.running[k] for k in keep]
+        index = torch.tensor(keep, dtype=torch.long, device=self.attn.device)
+        if self.cache is not None and keep:
+            self.cache.batch_select_indices(index)
+        self.attn, self.next_pos = self.attn[index], self.next_pos[index]
+        if keep:
+            first = int(self.attn.any(0).nonzero()[0])
+            if first > 0:
+                self.attn = self.attn[:, first:]
+                _crop_left(self.cache, first)
+        return tok_N[index]
+
+    def _step(self, tok_N: torch.Tensor) -> None:
+        """One decode step of every running row."""
+        assert self.cache is not None
+        self.attn = torch.cat([self.attn, torch.ones_like(self.attn[:, :1])], dim=1)
+        self.logits = self.engine._forward(tok_N[:, None], self.attn, self.next_pos, self.cache)
+        self.next_pos = self.next_pos + 1
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    extra = width - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _kv_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's full-attention layers (keys/values [rows, heads, positions, dim]); other
+    layer kinds (sliding windows, linear attention) are refused: their state is not a plain
+    per-position tensor the scheduler may pad, select and crop."""
+    layers = []
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer or layer.keys is None or layer.values is None:
+            raise NotImplementedError(f"continuous batching needs full-attention KV cache layers, not "
+                                      f"{type(layer).__name__}: set rollout.engine.static_cache=true")
+        layers.append(layer)
+    return layers
+
+
+def _merge_caches(into: DynamicCache, new: DynamicCache, width: int) -> None:
+    """Append `new`'s rows to `into`, both left-padded along the sequence to `width`."""
+    for mine, theirs in zip(_kv_layers(into), _kv_layers(new)):
+        assert mine.keys is not None and mine.values is not None and theirs.keys is not None \
+            and theirs.values is not None
+        mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+        mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+
+
+def _crop_left(cache: DynamicCache | None, columns: int) -> None:
+    """Drop the first `columns` positions of every layer (padding of every row)."""
+    if cache is None:
+        return
+    for layer in _kv_layers(cache):
+        assert layer.keys is not None and layer.values is not None
+        layer.keys = layer.keys[:, :, columns:]
+        layer.values = layer.values[:, :, columns:]
