@@ -197,7 +197,7 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, *, temperature: float =
 
 def packed_logprobs(model: torch.nn.Module, ids_BL: torch.Tensor, pos_BL: torch.Tensor
                     ) -> torch.Tensor:
-    """log p(ids[:, t+1] | ids[:, :t+1]) as [B, L-1] float32, for rows of packed sequences.
+    """log p(ids[:, t+1] | ids[:, :t+1]) as [B, L-1] float32, for rows of packed sequences (SFT).
 
     Position ids restart at 0 where a sequence starts; with no attention mask, transformers
     builds a block-diagonal causal mask from them (one sequence never attends to another).
@@ -207,6 +207,46 @@ def packed_logprobs(model: torch.nn.Module, ids_BL: torch.Tensor, pos_BL: torch.
     logits = model(input_ids=ids_BL, position_ids=pos_BL, use_cache=False).logits[:, :-1]
     out_N2 = chunked_logp_entropy(logits.reshape(B * (L - 1), -1), ids_BL[:, 1:].reshape(-1))
     return out_N2[:, 0].reshape(B, L - 1)
+
+
+def packed_token_logprobs(model: torch.nn.Module, ids_BL: torch.Tensor, pos_BL: torch.Tensor, *,
+                          keep_K: torch.Tensor, pick_N: torch.Tensor, targets_N: torch.Tensor,
+                          temperature: float = 1.0, with_entropy: bool = False) -> torch.Tensor:
+    """[N, 2] (log-prob, entropy) of N chosen next tokens of packed rows (RL; core/packing.py).
+
+    The rows are packed as for `packed_logprobs`. Only the columns `keep_K` go through the LM
+    head (the positions that predict a response token, in some row); `pick_N` indexes the
+    flattened [B * K] positions kept, and `targets_N` holds the token each one predicts.
+    """
+    logits_BKV = model(input_ids=ids_BL, position_ids=pos_BL, use_cache=False, logits_to_keep=keep_K).logits
+    logits_NV = logits_BKV.reshape(-1, logits_BKV.shape[-1])[pick_N]
+    return chunked_logp_entropy(logits_NV, targets_N, temperature=temperature, with_entropy=with_entropy)
+
+
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+"""Attention kernels that run packed sequences as variable-length batches (cost: the sum of the
+squared sequence lengths). The others (sdpa, eager) apply a dense block-diagonal mask over a row,
+so packed rows are kept as short as the longest sample."""
+
+
+def varlen_attention(model: torch.nn.Module) -> bool:
+    """Whether `model` attends with a variable-length kernel (one packed row is then cheapest)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) in VARLEN_ATTENTION
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute every decoder layer's activations in the backward pass instead of keeping them
+    (transformers' gradient checkpointing, non-reentrant; FSDP2's hooks stay outside the
+    recomputed region). Applies to the outermost Hugging Face model inside `model`."""
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if hf is None or not hf.supports_gradient_checkpointing:
+        raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def chunked_logp_entropy(logits_NV: torch.Tensor, targets_N: torch.Tensor, *,

@@ -9,6 +9,17 @@ It returns its micro-batch's *share* of the step loss (e.g. sum(mask * L) / coun
 token-mean), so shares add up to the exact global value however the step is split. FSDP2
 averages gradients over ranks, so each share is multiplied by the world size before backward;
 the sum over ranks is then the true gradient. Metrics returned alongside are shares too.
+
+Micro-batches (core/packing.py, core/batch.py's plan): `micro_batch_size` samples each, or with
+`max_tokens_per_micro_batch` as many as fit a token budget, balanced across ranks; every rank
+runs the same number (an FSDP2 forward is a collective), a rank with fewer samples running idle
+micro-batches that contribute nothing. With `packing`, each micro-batch runs on packed rows
+(no padding); the loss function still sees the padded [B, R] layout.
+
+No host synchronisation inside the loop: the plan is made from sample sizes read off the device
+once per update (one transfer, one all-gather), the counts come from those sizes, and losses and
+metrics are summed on the device; they reach the host once, when the update ends (one
+all-reduce). The update guard in `step` reads the gradient norm each optimizer step.
 """
 from __future__ import annotations
 
@@ -16,19 +27,23 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from core import dist
-from core.batch import Batch, GlobalCounts, global_counts
+from core.batch import Batch, GlobalCounts, SampleSizes, sample_sizes, step_counts
 from core.checkpoint import ShardedState
 from core.config import RangeError, above, at_least, between
+from core.models import enable_activation_checkpointing, varlen_attention
+from core.packing import MicroBatch, PackedSamples, micro_batches
 
 logger = logging.getLogger(__name__)
 
-MicroLoss = Callable[[Batch, GlobalCounts], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+MicroLoss = Callable[[Batch, GlobalCounts, "PackedSamples | None"], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""(micro-batch in the padded layout, the step's counts, the same samples packed or None) ->
+(this micro-batch's share of the step loss, metrics as shares)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -44,7 +59,16 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Max global gradient norm; 0 disables clipping (the norm is still logged)."""
     micro_batch_size: int = 8
-    """Samples per forward/backward on each rank."""
+    """Samples per forward/backward on each rank (unless max_tokens_per_micro_batch is set)."""
+    max_tokens_per_micro_batch: int | None = None
+    """Token budget of one forward/backward (prompt + response tokens; padded: the padded
+    rectangle): micro-batches are filled up to it and balanced across ranks (core/batch.py's
+    plan_micro_batches); a sample over it goes alone. None: micro_batch_size samples each."""
+    packing: bool = False
+    """Run each micro-batch on packed rows (real tokens only, position ids restarting per sample)
+    instead of the padded [B, P + R] layout; the same numbers, less compute on padding."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (less memory, more compute)."""
     mini_batches: int = 1
     """Optimizer steps per training step: the step's samples split into this many parts."""
     epochs: int = 1
@@ -63,7 +87,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         above(self, 0, "lr")
         at_least(self, 0, "weight_decay", "warmup_steps", "grad_clip")
-        at_least(self, 1, "micro_batch_size", "mini_batches", "epochs", "max_bad_steps")
+        at_least(self, 1, "micro_batch_size", "mini_batches", "epochs", "max_bad_steps",
+                 "max_tokens_per_micro_batch")
         above(self, 0, "max_update_ratio")
         between(self, 0, 1, "min_lr_ratio")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -80,6 +105,10 @@ class TrainState:
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig, *, total_steps: int) -> None:
         self.model = model
         self.cfg = cfg
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        self.one_row = varlen_attention(model)
+        """Pack each micro-batch into one row (a variable-length attention kernel)."""
         # Only trainable parameters get optimizer state (frozen LoRA base weights do not).
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
@@ -105,15 +134,23 @@ class TrainState:
     def update(self, batch: Batch, micro_loss: MicroLoss) -> dict[str, float]:
         """All optimizer steps of one training step; metrics averaged over them."""
         self.model.train()
+        sizes = sample_sizes(batch)
+        everyone = dist.all_gather_objects(sizes)
+        steps = [self._plan(mini, [s.select(rows) for s, rows in zip(everyone, parts)])
+                 for mini, parts in zip(split_even(batch, self.cfg.mini_batches),
+                                        zip(*(even_rows(len(s), self.cfg.mini_batches) for s in everyone)))]
+        shares: dict[str, torch.Tensor] = {}
         sums: dict[str, float] = defaultdict(float)
         n_opt = 0
         for _ in range(self.cfg.epochs):
-            for mini in split_even(batch, self.cfg.mini_batches):
-                for key, value in self.accumulate(mini, micro_loss).items():
-                    sums[key] += value
-                for key, value in self.step().items():
-                    sums[key] += value
+            for mbs, counts in steps:
+                for key, value in self._accumulate(mbs, counts, micro_loss).items():
+                    shares[key] = shares[key] + value if key in shares else value
+                for key, f in self.step().items():
+                    sums[key] += f
                 n_opt += 1
+        for key, f in reduce_shares(shares).items():
+            sums[key] += f
         out = {k: v / n_opt for k, v in sums.items()}
         out["lr"] = float(self.scheduler.get_last_lr()[0])
         out["skipped_steps"] = float(self.skipped_steps)
@@ -122,16 +159,35 @@ class TrainState:
     def accumulate(self, mini: Batch, micro_loss: MicroLoss) -> dict[str, float]:
         """Forward/backward over the micro-batches of one optimizer step (gradients accumulate
         in .grad); returns the step's loss and metrics summed over micro-batches and ranks."""
-        counts = global_counts(mini)
+        sizes = sample_sizes(mini)
+        return reduce_shares(self._accumulate(*self._plan(mini, dist.all_gather_objects(sizes)), micro_loss))
+
+    def _plan(self, mini: Batch, sizes_by_rank: Sequence[SampleSizes]
+              ) -> tuple[list[MicroBatch], GlobalCounts]:
+        """One optimizer step's micro-batches and counts, from every rank's sizes (no collective)."""
+        mine = sizes_by_rank[dist.info().rank]
+        return (micro_batches(mini, self.cfg, one_row=self.one_row, sizes=mine, sizes_by_rank=sizes_by_rank),
+                step_counts(sizes_by_rank))
+
+    def _accumulate(self, mbs: list[MicroBatch], counts: GlobalCounts, micro_loss: MicroLoss
+                    ) -> dict[str, torch.Tensor]:
+        """The loop: forward/backward per micro-batch; loss and metric shares summed on the device."""
         world = dist.info().world_size
-        shares: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
-        for mb in mini.split(self.cfg.micro_batch_size):
-            loss, metrics = micro_loss(mb, counts)
-            (loss * world).backward()
-            shares["loss"] += loss.detach().double().cpu()
+        shares: dict[str, torch.Tensor] = {}
+
+        def add(key: str, value: torch.Tensor, device: torch.device) -> None:
+            v = value.detach().to(device=device, dtype=torch.float64)
+            shares[key] = shares[key] + v if key in shares else v
+
+        for mb in mbs:
+            loss, metrics = micro_loss(mb.batch, counts, mb.packed)
+            (loss * (0.0 if mb.idle else world)).backward()
+            if mb.idle:
+                continue
+            add("loss", loss, loss.device)
             for k, v in metrics.items():
-                shares[k] += v.detach().double().cpu()
-        return dist.all_reduce_scalars({k: float(v) for k, v in shares.items()})
+                add(k, torch.as_tensor(v), loss.device)
+        return shares
 
     def step(self) -> dict[str, float]:
         """Clip, then step and advance the schedule, unless the gradient norm is not finite or
@@ -210,12 +266,26 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def even_rows(n: int, parts: int) -> list[range]:
+    """The rows of each of `parts` equal mini-batches of n samples."""
+    if n % parts or n == 0:
+        raise ValueError(f"mini_batches={parts} does not divide the {n} samples of this rank's step")
+    size = n // parts
+    return [range(i, i + size) for i in range(0, n, size)]
+
+
 def split_even(batch: Batch, parts: int) -> list[Batch]:
-    if len(batch) % parts:
-        raise ValueError(f"mini_batches={parts} does not divide the {len(batch)} samples of this "
-                         f"rank's step")
-    size = len(batch) // parts
-    return [batch.select(range(i, i + size)) for i in range(0, len(batch), size)]
+    return [batch.select(rows) for rows in even_rows(len(batch), parts)]
+
+
+def reduce_shares(shares: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Device-side sums, summed over ranks and brought to the host: one all-reduce, one transfer
+    (keys must match on every rank)."""
+    if not shares:
+        return {}
+    keys = sorted(shares)
+    total = dist.all_reduce(torch.stack([shares[k] for k in keys]))
+    return dict(zip(keys, total.tolist()))
 
 
 def lr_lambda(cfg: OptimConfig, total: int) -> Callable[[int], float]:

@@ -2,8 +2,10 @@
 
 Operations: `log_probs(batch)` (no grad), `update(batch, loss_fn)` (core/optim.py: mini-batches
 x epochs of micro-batched forward/backward, gradient clipping, AdamW, LR schedule; the loss
-scaling contract is described there), `export_weights()` (full tensors, bucket by bucket, for
-the rollout engine; LoRA adapters, if any, folded in).
+scaling contract is described there), both over micro-batches of `micro_batch_size` samples or
+of `max_tokens_per_micro_batch` tokens, padded or packed (`packing`; core/packing.py);
+`export_weights()` (full tensors, bucket by bucket, for the rollout engine; LoRA adapters, if
+any, folded in).
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from core.batch import Batch, GlobalCounts
 from core.checkpoint import ShardedState
 from core.graph import Phase, Result
 from core.lora import lora_scalings, merged_buckets
-from core.models import batched_logprobs, token_logprobs
 from core.optim import OptimConfig, TrainState
+from core.packing import PackedSamples, map_micro_batches, response_logprobs
 from core.reshard import full_weight_buckets
 
 
@@ -57,13 +59,15 @@ class Actor:
     def log_probs(self, batch: Batch) -> torch.Tensor:
         """Log-probs [B, R] of the response tokens under the current policy."""
         self.model.eval()
-        return batched_logprobs(self.model, batch, micro_batch_size=self.cfg.micro_batch_size,
-                                temperature=self.temperature)
+
+        def logp(mb: Batch, packed: PackedSamples | None) -> torch.Tensor:
+            return response_logprobs(self.model, mb, packed, temperature=self.temperature)[0]
+        return map_micro_batches(batch, self.cfg, logp, one_row=self.train_state.one_row)
 
     def _micro_loss(self, loss_fn: LossFn):
-        def micro(mb: Batch, counts: GlobalCounts):
-            logp_BR, ent_BR = token_logprobs(self.model, mb, temperature=self.temperature,
-                                             with_entropy=loss_fn.needs_entropy)
+        def micro(mb: Batch, counts: GlobalCounts, packed: PackedSamples | None):
+            logp_BR, ent_BR = response_logprobs(self.model, mb, packed, temperature=self.temperature,
+                                                with_entropy=loss_fn.needs_entropy)
             return loss_fn(logp_BR, ent_BR, mb, counts)
         return micro
 

@@ -18,8 +18,8 @@ from core import dist
 from core.batch import Batch, GlobalCounts, loss_mask, model_inputs
 from core.checkpoint import ShardedState
 from core.graph import Phase, Result
-from core.models import pad_columns
 from core.optim import OptimConfig, TrainState
+from core.packing import PackedSamples, map_micro_batches
 
 
 class ValueLossFn(Protocol):
@@ -43,15 +43,20 @@ class ValueModel(nn.Module):
             nn.init.normal_(self.head.weight, std=head_init_std)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 position_ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] float32 values; attention_mask None for packed rows (position ids restart)."""
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids, use_cache=False).last_hidden_state
         return self.head(hidden).squeeze(-1).float()
 
 
-def response_values(model: ValueModel, batch: Batch) -> torch.Tensor:
-    """[B, R]: V(s_t) for each response token t, 0 at masked positions."""
+def response_values(model: ValueModel, batch: Batch, packed: PackedSamples | None = None) -> torch.Tensor:
+    """[B, R]: V(s_t) for each response token t, 0 at masked positions; computed on the packed
+    rows of `batch`'s samples when `packed` is given (the same values)."""
+    if packed is not None:
+        v_BL = model(packed.ids_BL, None, packed.pos_BL)
+        return packed.to_samples(v_BL.reshape(-1)[packed.slot_N])
     ids, mask, pos = model_inputs(batch)
     P = batch.prompt_ids.shape[1]
     v_BT = model(ids, mask, pos)
@@ -78,9 +83,8 @@ class Critic:
     @torch.no_grad()
     def values(self, batch: Batch) -> torch.Tensor:
         self.model.eval()
-        R = batch.response_ids.shape[1]
-        return torch.cat([pad_columns(response_values(self.model, mb), R)
-                          for mb in batch.split(self.cfg.micro_batch_size)], dim=0)
+        return map_micro_batches(batch, self.cfg, lambda mb, packed: response_values(self.model, mb, packed),
+                                 one_row=self.train_state.one_row)
 
     def state_dict(self) -> dict[str, Any]:
         return self.train_state.local_state()
@@ -91,16 +95,22 @@ class Critic:
     def sharded_state(self) -> ShardedState:
         return self.train_state.sharded_state()
 
+    def _micro_loss(self, loss: ValueLossFn):
+        def micro(mb: Batch, counts: GlobalCounts, packed: PackedSamples | None):
+            return loss(response_values(self.model, mb, packed), mb, counts)
+        return micro
+
     def update(self, batch: Batch, *, loss: ValueLossFn) -> Result:
         ev = explained_variance(batch.returns, batch.values, loss_mask(batch))
-
-        def micro(mb: Batch, counts: GlobalCounts):
-            return loss(response_values(self.model, mb), mb, counts)
-
-        metrics = self.train_state.update(batch, micro)
+        metrics = self.train_state.update(batch, self._micro_loss(loss))
         out = {f"critic/{k}": v for k, v in metrics.items()}
         out["critic/explained_variance"] = ev
         return Result(metrics=out)
+
+    def accumulate(self, batch: Batch, loss: ValueLossFn) -> dict[str, float]:
+        """Gradients of one optimizer step without stepping (for tests and diagnostics)."""
+        self.model.train()
+        return self.train_state.accumulate(batch, self._micro_loss(loss))
 
 
 def explained_variance(returns_BR: torch.Tensor, values_BR: torch.Tensor, mask_BR: torch.Tensor) -> float:

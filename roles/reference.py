@@ -21,7 +21,8 @@ from core.batch import Batch
 from core.checkpoint import ShardedState
 from core.config import at_least, between
 from core.graph import Phase
-from core.models import ModelConfig, batched_logprobs
+from core.models import ModelConfig, varlen_attention
+from core.packing import PackedSamples, map_micro_batches, response_logprobs
 
 
 class Reference:
@@ -30,7 +31,12 @@ class Reference:
     @dataclass(kw_only=True, slots=True)
     class Config:
         micro_batch_size: int = 16
-        """Samples per forward on each rank."""
+        """Samples per forward on each rank (unless max_tokens_per_micro_batch is set)."""
+        max_tokens_per_micro_batch: int | None = None
+        """Token budget of one forward, balanced across ranks (as the actor's); None:
+        micro_batch_size samples each."""
+        packing: bool = False
+        """Run each forward on packed rows instead of the padded layout (the same log-probs)."""
         anchor: Literal["fixed", "reset", "ema"] = "fixed"
         """fixed: the initial policy; reset: copy the actor every anchor_every steps; ema:
         ref <- decay * ref + (1 - decay) * actor after every step."""
@@ -41,7 +47,7 @@ class Reference:
         actor; frozen (anchor must be fixed). None: the initial actor."""
 
         def __post_init__(self) -> None:
-            at_least(self, 1, "micro_batch_size", "anchor_every")
+            at_least(self, 1, "micro_batch_size", "anchor_every", "max_tokens_per_micro_batch")
             between(self, 0, 1, "ema_decay", open_high=True)
             if self.model_path is not None and self.anchor != "fixed":
                 raise ValueError(f"reference.model_path (a teacher) is frozen; reference.anchor={self.anchor!r} "
@@ -59,6 +65,7 @@ class Reference:
         self.cfg = cfg
         self.model = model.eval().requires_grad_(False)
         self.temperature = temperature
+        self.one_row = varlen_attention(model)
         self.steps = 0
         self.resets = 0
 
@@ -75,8 +82,9 @@ class Reference:
     @torch.no_grad()
     def log_probs(self, batch: Batch) -> torch.Tensor:
         """Log-probs [B, R] of the response tokens under the reference policy."""
-        return batched_logprobs(self.model, batch, micro_batch_size=self.cfg.micro_batch_size,
-                                temperature=self.temperature)
+        def logp(mb: Batch, packed: PackedSamples | None) -> torch.Tensor:
+            return response_logprobs(self.model, mb, packed, temperature=self.temperature)[0]
+        return map_micro_batches(batch, self.cfg, logp, one_row=self.one_row)
 
     @torch.no_grad()
     def follow(self, actor: Any) -> None:
