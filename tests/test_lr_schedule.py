@@ -77,7 +77,7 @@ def test_train_state_schedule_spans_steps_times_mini_batches_times_epochs(one_pr
     state = TrainState(model, cfg, total_steps=3)
     used: list[float] = []
 
-    def micro_loss(mb, counts):
+    def micro_loss(mb, counts, packed):
         used.append(state.optimizer.param_groups[0]["lr"])
         return (model.weight ** 2).sum() * 1e-3, {}
 

@@ -401,9 +401,12 @@ PACKED = ["actor.packing=true", "critic.packing=true", "reference.packing=true"]
 def packed_tolerance(key: str, golden: float) -> dict[str, float]:
     """The golden tolerance (1e-4 relative; ~0 values stay ~0), except `mismatch/*`: those
     measure the float rounding between the engine's and the trainer's log-probs themselves, so
-    another summation order moves them by their own size (~1e-6): 1e-5 absolute."""
+    another summation order moves them by their own size (~1e-6): 1e-5 absolute; and losses
+    (measured: packed moves actor/loss ~4e-8 on 2.4e-4 at step 3, 3e-4 relative)."""
     if key.startswith("mismatch/"):
         return {"rel": 0.0, "abs": 1e-5}
+    if key.endswith("loss"):  # a mean of O(1) per-token terms that cancel to ~1e-4: float32
+        return {"rel": 1e-4, "abs": 1e-6}  # rounding of the terms (~1e-7 each) is absolute, not relative
     from tests.test_algorithms_e2e import tolerance
     return tolerance(golden)
 

@@ -835,7 +835,7 @@ def test_correct_programs_score_one_beside_attacks(pool, host: Host):
     before = snapshot()
     out = pool_score(side, reward_id, pairs)
     assert out["values"] == [0.0] + [1.0, 0.0] * len(attacks)
-    assert out["counts"] == {"reward/errors": 0.0, "reward/timeouts": 0.0}
+    assert out["counts"] == {"reward/errors": 0.0, "reward/timeouts": 0.0, "reward/nonfinite": 0.0}
     assert_nothing_left(before)
 
 
@@ -873,7 +873,7 @@ def test_pool_backstop_kills_the_sandbox_of_an_abandoned_sample(side: Side):
                                             stdout_truth("x")), (quick, CORRECT_TRUTH)])
         assert time.monotonic() - start < 3.0 + 5.0
         assert out["values"] == [0.0, 1.0]
-        assert out["counts"] == {"reward/errors": 0.0, "reward/timeouts": 1.0}
+        assert out["counts"] == {"reward/errors": 0.0, "reward/timeouts": 1.0, "reward/nonfinite": 0.0}
         assert_nothing_left(before)
         again = pool_score(side, reward_id, [(quick, CORRECT_TRUTH)])
         assert again["values"] == [1.0]
