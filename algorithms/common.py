@@ -5,15 +5,17 @@ build function reads as the list of its steps.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from algorithms.base import PolicyGradientConfig
 from algorithms.correction import RolloutCorrection, correct, mismatch_metrics
 from algorithms.losses import PolicyLoss, ValueLoss
 from algorithms.shaping import RewardShaping, shape_rewards
-from core.batch import declare_field
+from core.batch import Batch, declare_field
 from core.data import PROMPT_FIELDS
-from core.graph import Node, Result
+from core.graph import PROMPTS, Node, Result
 
 SEQUENCE = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 """The fields a forward pass over prompt + response needs."""
@@ -25,8 +27,14 @@ declare_field("rollout_is_weights", shape="B,R",
               doc="truncated IS weight pi_old / pi_rollout of each token (rollout correction), no gradient")
 
 
+def generate_batch(batch: Batch, *, rollout: Any, prompts: Any) -> Result:
+    """The training stream's samples; the prompt stream tops up the rollout buffer (off-policy
+    steps) and is not touched otherwise."""
+    return rollout.generate(batch, prompts=prompts)
+
+
 def generate() -> Node:
-    return Node("generate", "rollout.generate", PROMPT_FIELDS, GENERATED)
+    return Node("generate", generate_batch, PROMPT_FIELDS, GENERATED, needs=("rollout", PROMPTS), batch_in=True)
 
 
 def score() -> Node:

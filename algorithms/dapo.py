@@ -76,9 +76,15 @@ def dynamic_sample(batch: Batch, *, rollout: Any, reward: Any, prompts: Any, max
     target, world, device = len(batch), dist.info().world_size, batch.prompt_ids.device
     kept, spare, rounds, first_frac, n_local = [], [], 0, None, 0
     counts: dict[str, float] = {}
+    generated: dict[str, list[float]] = {}
     while True:
         rounds += 1
-        out = rollout.generate(batch)
+        gen = rollout.generate(batch, prompts=prompts)
+        for key, value in gen.metrics.items():
+            generated.setdefault(key, []).append(value)
+        for key, value in gen.counts.items():
+            counts[key] = counts.get(key, 0.0) + value
+        out = gen.value
         scored = reward.score(out)
         for key, value in scored.counts.items():  # every round's scoring counts, summed
             counts[key] = counts.get(key, 0.0) + value
@@ -96,6 +102,7 @@ def dynamic_sample(batch: Batch, *, rollout: Any, reward: Any, prompts: Any, max
                               n=rollout.cfg.n)
     metrics = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/first_round_informative_frac": first_frac,
                "dynamic_sampling/filled_uniform_groups": float(filled)}
+    metrics |= {key: sum(values) / len(values) for key, values in generated.items()}  # mean over rounds
     return Result(mine.to(device), metrics=metrics, counts=counts)
 
 

@@ -57,7 +57,7 @@ class WeightSink(Protocol):
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int: ...
 
-    def end_weight_update(self) -> None: ...
+    def end_weight_update(self, version: int) -> None: ...
 
     def sleep(self) -> None: ...
 
@@ -112,7 +112,7 @@ class HybridEngine:
             received += self.rollout.load_weights(bucket)
             buckets += 1
             del bucket  # free the gathered copies before the next all-gather
-        self.rollout.end_weight_update()
+        self.rollout.end_weight_update(self.actor.version)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()  # the buckets' blocks go back before the engine's KV cache

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 import algorithms  # noqa: F401  (registers the built-in algorithms)
-from algorithms.base import get_algorithm
+from algorithms import off_policy
+from algorithms.base import OffPolicy, get_algorithm
 from core import dist
 from core.curriculum import CurriculumStream, difficulty_levels, length_levels
 from core.data import PROMPT_FIELDS, PromptDataset, PromptRow, PromptStream, read_prompts
@@ -33,6 +34,7 @@ from roles.reference import Reference
 from roles.reward import Reward
 from roles.reward.role import has_scorer
 from roles.rollout import Rollout
+from roles.rollout.buffer import RolloutBuffer
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def build_plan(cfg: JobConfig) -> Plan:
     if not isinstance(cfg.algorithm, algorithm.config):
         raise TypeError(f"algorithm {cfg.algorithm.name!r} takes a {algorithm.config.__name__}, "
                         f"got {type(cfg.algorithm).__name__}")
-    plan = as_plan(algorithm.build(cfg.algorithm))
+    plan = off_policy.rewrite(as_plan(algorithm.build(cfg.algorithm)), cfg.algorithm.off_policy)
     for graph in plan.graphs():
         graph.validate(PROMPT_FIELDS)
     return plan
@@ -155,12 +157,18 @@ def load_prompts(cfg: JobConfig, tokenizer: Any) -> Task:
 
 
 def build_rollout(rollout: Rollout.Config, model: ModelConfig, *, vocab: int, tokenizer: Any,
-                  seed: int) -> Rollout:
-    """The rollout role; its engine builds its own copy of the policy if it needs one."""
+                  seed: int, off: OffPolicy | None = None) -> Rollout:
+    """The rollout role; its engine builds its own copy of the policy if it needs one; with
+    off-policy steps (`off.max_staleness > 0`) its training stream goes through a buffer."""
     info = dist.info()
+    buffer = None
+    if off is not None and off.max_staleness > 0:
+        buffer = RolloutBuffer(max_staleness=off.max_staleness, partial_rollouts=off.partial_rollouts,
+                               in_flight=off.in_flight, stale=off.stale, n=rollout.n,
+                               pad_token_id=tokenizer.pad_token_id)
     return Rollout.build(rollout, policy=lambda: build_model(model, vocab_size=vocab, seed=seed),
                          tokenizer=tokenizer, device=info.device, seed=seed, rank=info.rank,
-                         dtype=dtype_of(rollout.dtype), model_path=model.path)
+                         dtype=dtype_of(rollout.dtype), model_path=model.path, buffer=buffer)
 
 
 def build_roles(cfg: JobConfig, used: set[str], tokenizer: Any) -> Roles:
@@ -178,7 +186,8 @@ def build_roles(cfg: JobConfig, used: set[str], tokenizer: Any) -> Roles:
         return build_policy(model, vocab=vocab, seed=cfg.run.seed, param_dtype=cfg.actor.param_dtype)
 
     roles = Roles(actor=Actor(cfg.actor, policy(), total_steps=cfg.run.steps, temperature=temperature),
-                  rollout=build_rollout(cfg.rollout, cfg.model, vocab=vocab, tokenizer=tokenizer, seed=cfg.run.seed),
+                  rollout=build_rollout(cfg.rollout, cfg.model, vocab=vocab, tokenizer=tokenizer, seed=cfg.run.seed,
+                                        off=cfg.algorithm.off_policy),
                   reward=Reward(cfg.reward, device=dist.info().device))
     if "reference" in used:
         roles.reference = Reference(cfg.reference, policy(cfg.reference.source(cfg.model)), temperature=temperature)

@@ -127,7 +127,7 @@ def generate_and_score(rows: Sequence[PromptRow], *, rollout: Rollout, reward: R
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         batch = prompt_batch(chunk, tokenizer, max_prompt_len).to(device)
-        gen = rollout.generate(batch, sampling.with_seed(seed + start))
+        gen = rollout.generate(batch, sampling.with_seed(seed + start)).value
         yield start, gen, is_correct(reward.score(gen).value)
         show.update(len(chunk))
     show.close()

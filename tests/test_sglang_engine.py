@@ -307,7 +307,7 @@ def test_asleep_engine_needs_a_full_sync():
         def begin_weight_update(self):
             pass
 
-        def end_weight_update(self):
+        def end_weight_update(self, version):
             pass
 
         def wake(self):

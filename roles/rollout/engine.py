@@ -124,11 +124,17 @@ class Engine:
         """Copy (name, full tensor) pairs into the engine; returns the bytes received."""
         raise NotImplementedError
 
+    def work_stats(self) -> dict[str, float]:
+        """What the last generate call computed, where the engine measures it: tokens produced,
+        row_steps computed, useful_frac = tokens / row_steps. Empty where it does not."""
+        return {}
+
     def begin_weight_update(self) -> None:
         """Before a sync's first bucket (SGLang: its weight memory comes back)."""
 
-    def end_weight_update(self) -> None:
-        """After a sync's last bucket (SGLang: prefix cache flushed, KV cache back)."""
+    def end_weight_update(self, version: int = 0) -> None:
+        """After a sync's last bucket; the weights are now the actor's `version` (optimizer
+        steps taken). SGLang: prefix cache flushed."""
 
     @property
     def needs_full_sync(self) -> bool:

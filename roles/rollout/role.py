@@ -2,22 +2,34 @@
 
 The engine is the `rollout.engine` slot's choice (roles/rollout/engine.py): its Config builds
 it. The role is the hybrid engine's weight sink: every call reaches the engine's own method.
+With `algorithm.off_policy.max_staleness > 0` the training stream goes through the role's
+rollout buffer (roles/rollout/buffer.py: partial rollouts, bounded staleness); evaluation and
+any call with explicit sampling parameters stay synchronous.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from transformers import PreTrainedModel
 
 from core.batch import Batch
 from core.config import RangeError, above, at_least, between
-from core.graph import Phase
+from core.graph import Phase, Result
 from roles.rollout import sglang_engine, torch_engine  # noqa: F401  (register the engines)
-from roles.rollout.engine import Engine, EngineConfig, EngineContext, SamplingParams
+from roles.rollout.buffer import RolloutBuffer
+from roles.rollout.engine import (
+    Completion,
+    Engine,
+    EngineConfig,
+    EngineContext,
+    SamplingParams,
+    batch_requests,
+    to_generation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +63,8 @@ class Rollout:
             if self.dtype not in ("float32", "bfloat16", "float16"):
                 raise RangeError("dtype", "one of float32, bfloat16, float16", self.dtype)
 
-    def __init__(self, cfg: Config, engine: Engine, tokenizer: Any, *, seed: int, rank: int) -> None:
+    def __init__(self, cfg: Config, engine: Engine, tokenizer: Any, *, seed: int, rank: int,
+                 buffer: RolloutBuffer | None = None) -> None:
         self.cfg = cfg
         self.engine = engine
         self.tokenizer = tokenizer
@@ -63,17 +76,22 @@ class Rollout:
         self.max_new_tokens = cfg.max_new_tokens
         """The response budget now (a length curriculum changes it between steps; the config
         keeps the value it was given)."""
+        self.buffer = buffer
+        """Off-policy steps: the training stream's in-flight groups (None: synchronous)."""
+        self.policy_version = 0
+        """Weight updates the engine received (a forced re-send of the same weights is not one)."""
+        self._synced_actor_version: int | None = None
 
     @classmethod
     def build(cls, cfg: Config, *, policy: Callable[[], PreTrainedModel], tokenizer: Any,
               device: torch.device, seed: int, rank: int, dtype: torch.dtype,
-              model_path: str | None = None) -> Rollout:
+              model_path: str | None = None, buffer: RolloutBuffer | None = None) -> Rollout:
         """The configured engine: `policy()` builds its own copy of the policy where the engine
         needs one (torch); sglang starts from the folder `model_path` instead."""
         ctx = EngineContext(policy=policy, model_path=model_path, pad_token_id=tokenizer.pad_token_id,
                             stop_token_ids=stop_ids(tokenizer, cfg.stop), device=device, dtype=dtype,
                             seed=seed)
-        return cls(cfg, cfg.engine.build(ctx), tokenizer, seed=seed, rank=rank)
+        return cls(cfg, cfg.engine.build(ctx), tokenizer, seed=seed, rank=rank, buffer=buffer)
 
     def sampling(self, **overrides) -> SamplingParams:
         """The configured sampling parameters, with overrides (e.g. temperature=0 for eval)."""
@@ -82,26 +100,43 @@ class Rollout:
                               n=self.cfg.n, stop_token_ids=self.stop_token_ids)
         return dataclasses.replace(base, **overrides)
 
-    def generate(self, batch: Batch, sampling: SamplingParams | None = None) -> Batch:
-        """Each prompt of `batch` expanded to n samples with response fields added.
+    def generate(self, batch: Batch, sampling: SamplingParams | None = None, *,
+                 prompts: Iterator[Batch] | None = None) -> Result:
+        """Each prompt of `batch` expanded to n samples with response fields added (the value of
+        the Result; metrics rollout/*, and off_policy/* from the buffer).
 
-        Without `sampling`: the configured parameters and a fresh seed per call and rank (the
-        training stream). With `sampling` (evaluation): exactly those, seed included, so
+        Without `sampling`: the training stream (the configured parameters, a fresh seed per
+        call and rank), through the rollout buffer when off-policy steps are on (`prompts` then
+        tops it up). With `sampling` (evaluation): exactly those, seed included, synchronous, so
         evaluating never shifts the training stream.
         """
         if sampling is None:
             seed = (self._seed * 1_000_003 + self._rank * 10_007 + self.calls) % (2**63)
             sampling = self.sampling(seed=seed)
             self.calls += 1
-        out = self.engine.generate(batch.prompt_ids, batch.prompt_mask, sampling)
+            if self.buffer is not None:
+                rows, completions, metrics, counts = self.buffer.generate(
+                    self.engine, batch, sampling, version=self.policy_version, prompts=prompts)
+                budgets = [self.max_new_tokens] * len(completions)
+                return Result(self._responses(rows, completions, budgets), metrics=metrics | self._stats(),
+                              counts=counts)
+        completions = self.engine.generate_requests(batch_requests(batch.prompt_ids, batch.prompt_mask, sampling))
+        rows = batch.repeat_interleave(sampling.n)
+        return Result(self._responses(rows, completions, [sampling.max_new_tokens] * len(rows)),
+                      metrics=self._stats())
+
+    def _responses(self, rows: Batch, completions: list[Completion], budgets: list[int]) -> Batch:
+        out = to_generation(completions, self.tokenizer.pad_token_id, device=rows.prompt_ids.device)
         texts = [self.tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
                  for ids, m in zip(out.response_ids.cpu(), out.response_mask.cpu())]
-        device = batch.prompt_ids.device
-        budget_B = torch.full((len(texts),), sampling.max_new_tokens, dtype=torch.long, device=device)
-        return batch.repeat_interleave(sampling.n).with_fields(
-            response_ids=out.response_ids.to(device), response_mask=out.response_mask.to(device),
-            rollout_logp=out.logp.to(device), response_text=texts, finish_reason=out.finish_reason,
-            response_budget=budget_B)
+        return rows.with_fields(response_ids=out.response_ids, response_mask=out.response_mask,
+                                rollout_logp=out.logp, response_text=texts, finish_reason=out.finish_reason,
+                                response_budget=torch.tensor(budgets, dtype=torch.long, device=rows.prompt_ids.device))
+
+    def _stats(self) -> dict[str, float]:
+        """The engine's work of the last call (where it reports it): rollout/useful_token_frac."""
+        stats = self.engine.work_stats()
+        return {"rollout/useful_token_frac": stats["useful_frac"]} if "useful_frac" in stats else {}
 
     # --- the hybrid engine's weight sink: straight to the engine -----------------------------
 
@@ -115,8 +150,12 @@ class Rollout:
     def begin_weight_update(self) -> None:
         self.engine.begin_weight_update()
 
-    def end_weight_update(self) -> None:
-        self.engine.end_weight_update()
+    def end_weight_update(self, version: int) -> None:
+        """After a sync's last bucket; `version` is the actor's (optimizer steps taken)."""
+        self.engine.end_weight_update(version)
+        if version != self._synced_actor_version:
+            self.policy_version += 1
+            self._synced_actor_version = version
 
     def sleep(self) -> None:
         self.engine.sleep()
@@ -127,10 +166,17 @@ class Rollout:
     # --- checkpoint state ----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls}
+        state: dict[str, Any] = {"calls": self.calls, "policy_version": self.policy_version,
+                                 "synced_actor_version": self._synced_actor_version}
+        if self.buffer is not None:
+            state["buffer"] = self.buffer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.calls = state["calls"]
+        self.policy_version, self._synced_actor_version = state["policy_version"], state["synced_actor_version"]
+        if self.buffer is not None:
+            self.buffer.load_state_dict(state["buffer"])
 
     def sharded_state(self) -> None:
         return None

@@ -266,7 +266,7 @@ class SGLangEngine(Engine):
         del bucket
         return received
 
-    def end_weight_update(self) -> None:
+    def end_weight_update(self, version: int = 0) -> None:
         if self.engine is not None:
             if hasattr(self.engine, "end_weight_update"):
                 check(self.engine.end_weight_update(), "end_weight_update")

@@ -114,6 +114,9 @@ class TorchEngine(Engine):
             received += tensor.numel() * tensor.element_size()
         return received
 
+    def work_stats(self) -> dict[str, float]:
+        return self.last_stats
+
     def sleep(self) -> None:
         # A growing KV cache lives only inside generate(); a static one is kept between calls
         # of a phase (its shape repeats) and freed here, when training takes the device.
