@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 from core import dist
 from core.batch import Batch
 from core.checkpoint import Checkpointer
-from core.config import to_yaml
+from core.config import to_dict, to_yaml
 from core.curriculum import CurriculumStream, PassRateTracker
 from core.data import PROMPT_FIELDS
 from core.graph import Graph, Phase, Stage
@@ -47,6 +47,20 @@ def batch_metrics(batch: Batch) -> dict[str, float]:
             "response_length/max": dist.all_reduce_scalars({"m": float(lengths.max())}, "max")["m"],
             "response_length/clip_ratio": sums["truncated"] / n,
             "perf/response_tokens": sums["len"], "perf/prompt_tokens": sums["prompt"]}
+
+
+OPTIONAL_ROLES = ("critic", "reference")
+
+
+def run_config(cfg: JobConfig, used: set[str]) -> dict[str, Any]:
+    """The resolved config as config.yaml and MLflow's params show it: every section, except
+    those of optional roles the plan does not use (GRPO has no critic). `--config` on it
+    reruns the same run (a missing section takes its defaults, which nothing reads)."""
+    tree = to_dict(cfg)
+    for role in OPTIONAL_ROLES:
+        if role not in used:
+            tree.pop(role, None)
+    return tree
 
 
 class Trainer:
@@ -171,10 +185,11 @@ class Trainer:
         local: dict[str, Any] = {}
         if path is not None:
             local, meta = self.checkpointer.load(path, sharded=sharded_state(self.job), verified=True)
-        self.log.start(self.cfg, resume_step=meta["step"] if meta else None, files=graph)
+        resolved = run_config(self.cfg, self.job.plan.roles())
+        self.log.start(resolved, resume_step=meta["step"] if meta else None, files=graph)
         for g in self.job.plan.graphs():
             logger.info("%s", g.to_text(PROMPT_FIELDS))
-        self.log.open_tracker(self.cfg.tracking, self.cfg, files=graph,
+        self.log.open_tracker(self.cfg.tracking, resolved, files=graph,
                               resume_run_id=meta.get("tracking_run_id") if meta else None)
         if meta is not None:
             load_local_state(self.job, local)

@@ -439,3 +439,22 @@ def test_switching_a_slot_on_the_command_line_drops_the_files_keys_for_it(tmp_pa
     assert "method.name=wide" in caplog.text and "clip.agg, steps" in caplog.text
     same = load_config(WithPreset, path, ["method.name=plain", "method.clip.low=0.05"])
     assert same.method.steps == 7 and same.method.clip.agg == "x"  # no switch: the file applies
+
+
+@pytest.mark.parametrize("config,has_critic", [("configs/grpo.yaml", False), ("configs/quickstart.yaml", False),
+                                               ("configs/ppo.yaml", True)])
+def test_a_runs_resolved_config_holds_at_most_150_keys_and_only_used_roles(tmp_path, config, has_critic):
+    """Issue #12: a resolved GRPO config has at most 150 leaf keys; config.yaml leaves out the
+    sections of optional roles the plan does not use (PPO keeps its critic), and loading it back
+    gives the run's config again."""
+    from launch.build import build_plan
+    from launch.config import JobConfig
+    from launch.train import run_config
+    cfg = load_config(JobConfig, config, [])
+    tree = run_config(cfg, build_plan(cfg).roles())
+    assert ("critic" in tree) == has_critic
+    if not has_critic:
+        assert len(flatten(tree)) <= 150, len(flatten(tree))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    again = load_config(JobConfig, tmp_path / "config.yaml", [])
+    assert run_config(again, build_plan(again).roles()) == tree
