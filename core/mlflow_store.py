@@ -17,6 +17,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger("core.tracking")
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+"""A new store's "Creating initial MLflow database tables..." lines are MLflow's business, not
+the run's console (warnings and errors still show)."""
 
 
 class MlflowStore:

@@ -52,6 +52,7 @@ def test_tiny_grpo_run_matches_golden_numbers(tmp_path):
     # a quiet console: no library warning from our calls (deprecated arguments, ...)
     assert "Warning" not in proc.stdout + proc.stderr, [ln for ln in (proc.stdout + proc.stderr).splitlines()
                                                         if "Warning" in ln]
+    assert "INFO mlflow" not in proc.stdout + proc.stderr  # MLflow's own store set-up lines
     assert (out / "config.yaml").exists() and "flowchart" in (out / "graph.mmd").read_text()
     check_mlflow_run(out, rows)
     got = [{k: r[k] for k in GOLDEN_KEYS if k in r} for r in rows]
@@ -129,15 +130,19 @@ def test_only_roles_the_graph_uses_are_built():
 @pytest.mark.slow
 @pytest.mark.dist
 def test_quickstart_learns(tmp_path):
-    """README command 1, exactly as shipped: held-out accuracy rises by >= 0.20 in <= 10 min."""
+    """README command 1, exactly as shipped: held-out accuracy rises by >= 0.6.
+
+    Measured (400 steps): 0.166 -> 0.976-0.984 over run.seed=0..3 with the sampler before the
+    per-request one (gain 0.810-0.818, sd ~0.003), and 0.976 / 0.984 for seeds 0 / 1 with it
+    (2026-12-01); 0.6 leaves ~0.2 (dozens of sd) for library releases. Its wall time is a
+    benchmark figure (README), not a test."""
     out = tmp_path / "quickstart"
     t0 = time.perf_counter()
     torchrun("configs/quickstart.yaml", f"run.output_dir={out}")
     wall = time.perf_counter() - t0
     evals = [r["eval/accuracy"] for r in read_metrics(out) if "eval/accuracy" in r]
     print(f"quickstart: eval/accuracy {evals[0]:.3f} -> {evals[-1]:.3f} in {wall:.0f} s")
-    assert evals[-1] - evals[0] >= 0.20
-    assert wall <= 600
+    assert evals[-1] - evals[0] >= 0.6
 
 
 @pytest.mark.parametrize("path", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml")))
