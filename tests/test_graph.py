@@ -35,8 +35,9 @@ def test_order_groups_phases_and_roles_are_derived():
     from algorithms.grpo import GRPOConfig, GRPOLoss
     g = build_graph(GRPOConfig(loss=GRPOLoss(kl_coef=0.04)))
     g.validate(PROMPT_FIELDS)
-    g.bind({name: _role(phase) for name, phase in [("rollout", Phase.GENERATE), ("reward", Phase.ANY),
-                                                   ("actor", Phase.TRAIN), ("reference", Phase.TRAIN)]})
+    g.bind({**{name: _role(phase) for name, phase in [("rollout", Phase.GENERATE), ("reward", Phase.ANY),
+                                                      ("actor", Phase.TRAIN), ("reference", Phase.TRAIN)]},
+            "prompts": iter(())})  # the prompt stream: generate tops the rollout buffer up from it
     phases = [g.phase(n) for n in g.order(PROMPT_FIELDS) if g.phase(n) is not Phase.ANY]
     switches = sum(a is not b for a, b in zip(phases, phases[1:]))
     assert switches == 1  # generate once, then train: one switch per step

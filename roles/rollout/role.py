@@ -21,15 +21,7 @@ from core.config import RangeError, above, at_least, between
 from core.graph import Phase, Result
 from roles.rollout import sglang_engine, torch_engine  # noqa: F401  (register the engines)
 from roles.rollout.buffer import RolloutBuffer
-from roles.rollout.engine import (
-    Completion,
-    Engine,
-    EngineConfig,
-    EngineContext,
-    SamplingParams,
-    batch_requests,
-    to_generation,
-)
+from roles.rollout.engine import Engine, EngineConfig, EngineContext, Generation, SamplingParams, to_generation
 
 logger = logging.getLogger(__name__)
 
@@ -117,16 +109,18 @@ class Rollout:
             if self.buffer is not None:
                 rows, completions, metrics, counts = self.buffer.generate(
                     self.engine, batch, sampling, version=self.policy_version, prompts=prompts)
-                budgets = [self.max_new_tokens] * len(completions)
-                return Result(self._responses(rows, completions, budgets), metrics=metrics | self._stats(),
-                              counts=counts)
-        completions = self.engine.generate_requests(batch_requests(batch.prompt_ids, batch.prompt_mask, sampling))
+                gen = to_generation(completions, self.tokenizer.pad_token_id, device=rows.prompt_ids.device)
+                return Result(self._responses(rows, gen, [self.max_new_tokens] * len(completions)),
+                              metrics=metrics | self._stats(), counts=counts)
+        # the batch call: an engine that implements only generate() (not generate_requests) works
+        gen = self.engine.generate(batch.prompt_ids, batch.prompt_mask, sampling)
         rows = batch.repeat_interleave(sampling.n)
-        return Result(self._responses(rows, completions, [sampling.max_new_tokens] * len(rows)),
-                      metrics=self._stats())
+        return Result(self._responses(rows, gen, [sampling.max_new_tokens] * len(rows)), metrics=self._stats())
 
-    def _responses(self, rows: Batch, completions: list[Completion], budgets: list[int]) -> Batch:
-        out = to_generation(completions, self.tokenizer.pad_token_id, device=rows.prompt_ids.device)
+    def _responses(self, rows: Batch, out: Generation, budgets: list[int]) -> Batch:
+        device = rows.prompt_ids.device
+        out = Generation(out.response_ids.to(device), out.response_mask.to(device), out.logp.to(device),
+                         out.finish_reason)
         texts = [self.tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
                  for ids, m in zip(out.response_ids.cpu(), out.response_mask.cpu())]
         return rows.with_fields(response_ids=out.response_ids, response_mask=out.response_mask,
