@@ -300,7 +300,7 @@ def start_helper(name: str, *, delegate: bool, env: dict[str, str]) -> tuple[AsU
     it (chowned, as systemd does) if ``delegate``. Returns it and the cgroups to remove."""
     delegated = _delegate_cgroups() if delegate else []
     join = "".join(f'echo $$ > "{d}/cgroup.procs" && ' for d in delegated)
-    script = join + _traversable_script(os.path.realpath(sys.executable)) + (
+    script = join + _traversable_script(os.path.realpath(sys.executable), sys.executable, str(REPO / "tests")) + (
         f"exec setpriv --reuid={HELPER_UID} --regid={HELPER_UID} --clear-groups -- "
         '"$@"')
     argv = ["/bin/sh", "-c", f"exec unshare --mount --propagation private /bin/sh -c '{script}' sh "
@@ -326,17 +326,26 @@ def _delegate_cgroups() -> list[Path]:
     return made
 
 
-def _traversable_script(path: str) -> str:
-    """Shell that makes ``path`` reachable for others: the subtree below the first ancestor
-    without o+x is re-mounted on a tmpfs (mode 0755) over that ancestor."""
-    parts = PurePosixPath(path).parents
-    for ancestor in reversed(parts):
-        if str(ancestor) != "/" and not os.stat(ancestor).st_mode & stat.S_IXOTH:
-            child = next(p for p in reversed(parts) if p.parent == ancestor)
-            return (f'd=$(mktemp -d) && mount --bind {child} "$d" && mount -t tmpfs -o '
-                    f'mode=0755,size=1m tmpfs {ancestor} && mkdir -p {child} && mount --move '
-                    f'"$d" {child} && rmdir "$d" && ')
-    return ""
+def _traversable_script(*paths: str) -> str:
+    """Shell that makes each of ``paths`` reachable for others: below the first ancestor without
+    o+x, the subtrees leading to them are re-mounted on a tmpfs (mode 0755) over that ancestor
+    (the interpreter under a 0700 /root; a checkout inside a 0700 temporary directory)."""
+    children: dict[PurePosixPath, list[PurePosixPath]] = {}
+    for path in paths:
+        parts = PurePosixPath(path).parents
+        for ancestor in reversed(parts):
+            if str(ancestor) != "/" and not os.stat(ancestor).st_mode & stat.S_IXOTH:
+                child = next(p for p in reversed(parts) if p.parent == ancestor)
+                if child not in children.setdefault(ancestor, []):
+                    children[ancestor].append(child)
+                break
+    script = ""
+    for ancestor, kids in children.items():
+        keep = [(child, f'"$d{i}"') for i, child in enumerate(kids)]
+        script += "".join(f'd{i}=$(mktemp -d) && mount --bind {child} "$d{i}" && ' for i, (child, _) in enumerate(keep))
+        script += f"mount -t tmpfs -o mode=0755,size=1m tmpfs {ancestor} && "
+        script += "".join(f"mkdir -p {child} && mount --move {d} {child} && rmdir {d} && " for child, d in keep)
+    return script
 
 
 def _remove_delegated(dirs: list[Path]) -> None:
