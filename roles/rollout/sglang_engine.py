@@ -296,7 +296,8 @@ class SGLangEngine(Engine):
         group's requests go to its leader's engine in rank order and the results come back."""
         if pause is not None:
             raise NotImplementedError("partial rollouts (pause) are not implemented on the sglang "
-                                      "engine yet; use the torch engine")
+                                      "engine yet; set algorithm.off_policy.partial_rollouts=false "
+                                      "(off-policy steps without pausing) or use the torch engine")
         groups = self._gather([(list(r.prompt + r.prefix), sampling_dict(r, self.stop_token_ids))
                                for r in requests])
         outputs: list[list[dict]] | None = None
