@@ -168,7 +168,9 @@ class Rollout:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.calls = state["calls"]
-        self.policy_version, self._synced_actor_version = state["policy_version"], state["synced_actor_version"]
+        # checkpoints written before off-policy steps existed hold only "calls"
+        self.policy_version = state.get("policy_version", 0)
+        self._synced_actor_version = state.get("synced_actor_version")
         if self.buffer is not None:
             self.buffer.load_state_dict(state["buffer"])
 
