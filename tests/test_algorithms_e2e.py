@@ -41,11 +41,17 @@ WALL_CLOCK = ("timing_s/", "perf/tokens_per_s", "reshard/seconds", "reshard/gbps
 """Keys that measure time, not numerics: never compared."""
 
 
-def tolerance(golden: float) -> dict[str, float]:
+def tolerance(golden: float, key: str = "") -> dict[str, float]:
     """Per-key tolerance: 1e-4 relative (every run is seeded and deterministic on the CPU; the
     slack absorbs reduction-order differences between library releases), except for a value
     that is ~0 in the golden run (|v| < 1e-6, e.g. a loss at ratio 1): it must stay below 1e-6,
-    so it fails as soon as it becomes a real number."""
+    so it fails as soon as it becomes a real number; and `mismatch/*`, which measure the float
+    rounding between the engine's and the trainer's log-probs themselves (~1e-6 in float32): a
+    release that sums in another order moves them by their own size (torch 2.14.1 against
+    2.13.0: max_abs_logratio 1.9e-6 -> 3.3e-6), so they get 1e-5 absolute (a real mismatch, an
+    engine in bf16, is ~1e-2)."""
+    if key.startswith("mismatch/"):
+        return {"rel": 0.0, "abs": 1e-5}
     if abs(golden) < 1e-6:
         return {"rel": 0.0, "abs": 1e-6}
     return {"rel": 1e-4, "abs": 0.0}
@@ -114,7 +120,7 @@ def test_algorithm_matches_its_golden_numbers_on_two_ranks(tmp_path, name):
             if isinstance(want, str):
                 assert g[k] == want, f"{where} {k}"
             else:
-                assert g[k] == pytest.approx(want, **tolerance(want)), f"{where} {k}"
+                assert g[k] == pytest.approx(want, **tolerance(want, k)), f"{where} {k}"
 
 
 def test_golden_files_check_every_algorithm_default():

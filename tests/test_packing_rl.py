@@ -408,7 +408,7 @@ def packed_tolerance(key: str, golden: float) -> dict[str, float]:
     if key.endswith("loss"):  # a mean of O(1) per-token terms that cancel to ~1e-4: float32
         return {"rel": 1e-4, "abs": 1e-6}  # rounding of the terms (~1e-7 each) is absolute, not relative
     from tests.test_algorithms_e2e import tolerance
-    return tolerance(golden)
+    return tolerance(golden, key)
 
 
 @pytest.mark.dist
