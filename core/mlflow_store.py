@@ -8,6 +8,8 @@ lengths, batch sizes are the Tracker's business).
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,20 @@ class MlflowStore:
     """An open MLflow run: a new one, or ``resume_run_id`` set back to RUNNING."""
 
     def __init__(self, uri: str, *, experiment: str, run_name: str, artifact_location: str | None,
-                 tags: Mapping[str, str], resume_run_id: str | None) -> None:
-        self.client = MlflowClient(tracking_uri=uri)
+                 tags: Mapping[str, str], resume_run_id: str | None, own_store: bool = False) -> None:
+        if own_store:
+            # MLflow 2.x creates its default artifact root, "./mlruns", in the working directory
+            # when it first opens a database store (3.x does not); the run's own store keeps its
+            # artifacts in the run's folder, so let that "." be a scratch folder, removed after
+            here = os.getcwd()
+            with tempfile.TemporaryDirectory(prefix="rolegraph-mlflow-") as scratch:
+                os.chdir(scratch)
+                try:
+                    self.client = MlflowClient(tracking_uri=uri)
+                finally:
+                    os.chdir(here)
+        else:  # a store the user chose: MLflow's own defaults
+            self.client = MlflowClient(tracking_uri=uri)
         if resume_run_id is not None and self._resume(resume_run_id):
             self.run_id = resume_run_id
             return

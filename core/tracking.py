@@ -283,14 +283,15 @@ class Tracker:
 
 
 def _open_store(cfg: TrackingConfig, uri: str, output_dir: Path, resume_run_id: str | None) -> MlflowStore:
-    if uri == _default_uri(output_dir):
+    own = uri == _default_uri(output_dir)
+    if own:
         output_dir.mkdir(parents=True, exist_ok=True)
     # Imported here, not at the top: mlflow is needed only when tracking is on, and a minimal
     # environment (tracking.enabled=false) must train without it installed.
     store = importlib.import_module("core.mlflow_store")
     return store.MlflowStore(uri, experiment=cfg.experiment, run_name=cfg.run_name or output_dir.name,
                              artifact_location=_artifact_location(uri, output_dir),
-                             tags={"output_dir": str(output_dir)}, resume_run_id=resume_run_id)
+                             tags={"output_dir": str(output_dir)}, resume_run_id=resume_run_id, own_store=own)
 
 
 def _default_uri(output_dir: str | Path) -> str:
