@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,39 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 the run's console (warnings and errors still show)."""
 
 
+@contextmanager
+def _logging_kept() -> Iterator[None]:
+    """MLflow 2.x migrates a new database through alembic, whose logging.config.fileConfig
+    replaces the root handlers and disables every existing logger (the run's console went
+    silent): put the root logger and the loggers that were enabled back as they were."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    alive = [lg for lg in logging.root.manager.loggerDict.values()
+             if isinstance(lg, logging.Logger) and not lg.disabled]
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for lg in alive:
+            lg.disabled = False
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 class MlflowStore:
     """An open MLflow run: a new one, or ``resume_run_id`` set back to RUNNING."""
 
     def __init__(self, uri: str, *, experiment: str, run_name: str, artifact_location: str | None,
                  tags: Mapping[str, str], resume_run_id: str | None, own_store: bool = False) -> None:
+        with _logging_kept():
+            self._open(uri, own_store)
+        if resume_run_id is not None and self._resume(resume_run_id):
+            self.run_id = resume_run_id
+            return
+        experiment_id = self._experiment_id(experiment, artifact_location)
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
+
+    def _open(self, uri: str, own_store: bool) -> None:
         if own_store:
             # MLflow 2.x creates its default artifact root, "./mlruns", in the working directory
             # when it first opens a database store (3.x does not); the run's own store keeps its
@@ -42,11 +71,6 @@ class MlflowStore:
                     os.chdir(here)
         else:  # a store the user chose: MLflow's own defaults
             self.client = MlflowClient(tracking_uri=uri)
-        if resume_run_id is not None and self._resume(resume_run_id):
-            self.run_id = resume_run_id
-            return
-        experiment_id = self._experiment_id(experiment, artifact_location)
-        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info.run_id
 
     def params(self) -> dict[str, str]:
         return self.client.get_run(self.run_id).data.params
