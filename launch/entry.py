@@ -1,6 +1,7 @@
 """The shared shape of every entry point: parse, configure, set up, run, tear down."""
 from __future__ import annotations
 
+import faulthandler
 import logging
 import sys
 from typing import Callable, Protocol, Sequence, TypeVar
@@ -42,6 +43,8 @@ def run_entry(schema: type[C], body: Callable[[C], R], argv: Sequence[str] | Non
     print the resolved config, run `body(cfg)`, and always destroy the process group.
 
     The schema must have a `run` section with `device`, `seed` and `log_level`."""
+    if not faulthandler.is_enabled():  # a rank killed by SIGABRT/SIGSEGV prints every thread's stack
+        faulthandler.enable(all_threads=True)
     path, overrides = parse_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(schema, path, overrides)
     dist.setup_logging(getattr(logging, cfg.run.log_level))
