@@ -86,6 +86,13 @@ def gae(token_rewards_BR: torch.Tensor, values_BR: torch.Tensor, mask_BR: torch.
     after the last real token is terminal); A_t = delta_t + gamma lam A_{t+1}; returns = A + V
     (the critic's targets). `lam` is a float or a per-sequence [B] tensor (length-adaptive
     lambda, see `length_adaptive_lambda`). Rewards and values at masked positions are ignored.
+
+    Interior masked spans (a tool's observation between two sampled turns, mask
+    [1,1,0,0,1,1,0]) are skipped, not terminal: "t+1" is the next *sampled* token, so the last
+    token of a turn bootstraps from the first token of the next turn and the advantage carries
+    across the observation, undiscounted by its length (the environment's tokens are not
+    decisions). This is multi-turn PPO's convention in verl. A mask that is a prefix of ones
+    (single-turn) gives the same numbers either way.
     """
     mask_BR = mask_BR.to(torch.float32)
     B, R = mask_BR.shape
@@ -101,12 +108,14 @@ def gae(token_rewards_BR: torch.Tensor, values_BR: torch.Tensor, mask_BR: torch.
     next_value_B = torch.zeros(B, dtype=torch.float32, device=mask_BR.device)
     next_adv_B = torch.zeros_like(next_value_B)
     for t in reversed(range(R)):
+        m_B = mask_BR[:, t]
         delta_B = rewards_BR[:, t] + gamma * next_value_B - values_BR[:, t]
-        # Multiplying by the mask keeps padding at 0, so the recursion starts fresh at each
-        # row's last real token.
-        next_adv_B = (delta_B + decay_B * next_adv_B) * mask_BR[:, t]
-        adv_BR[:, t] = next_adv_B
-        next_value_B = values_BR[:, t]
+        adv_B = delta_B + decay_B * next_adv_B
+        adv_BR[:, t] = adv_B * m_B
+        # A masked position passes the next sampled token's value and advantage through
+        # unchanged; trailing padding passes the initial zeros (the terminal state).
+        next_adv_B = torch.where(m_B > 0, adv_B, next_adv_B)
+        next_value_B = torch.where(m_B > 0, values_BR[:, t], next_value_B)
     returns_BR = (adv_BR + values_BR) * mask_BR
     return adv_BR, returns_BR
 

@@ -79,6 +79,27 @@ def test_gae_hand_worked_gamma_09_lambda_08():
     close(ret_BR, [[0.67104, 0.882, 1.0], [1.548, 2.0, 0.0]])
 
 
+def test_gae_carries_values_and_advantages_across_an_interior_masked_span():
+    # A multi-turn sample: two sampled turns around a tool observation, mask [1,1,0,0,1,1,0];
+    # the observation's positions hold garbage (value 9, reward 5) that must be ignored, and
+    # "t+1" of token 1 is token 4 (the next sampled token), gamma = 0.9, lam = 0.8 (0.72):
+    #   delta_5 = 1 + 0         - 0.6 =  0.4     A_5 = 0.4
+    #   delta_4 = 0 + 0.9 * 0.6 - 0.4 =  0.14    A_4 = 0.14  + 0.72 * 0.4   = 0.428
+    #   delta_1 = 0 + 0.9 * 0.4 - 0.2 =  0.16    A_1 = 0.16  + 0.72 * 0.428 = 0.46816
+    #   delta_0 = 0 + 0.9 * 0.2 - 0.5 = -0.32    A_0 = -0.32 + 0.72 * 0.46816 = 0.0170752
+    # (treating token 1 as terminal instead would give A_1 = -0.2: the old convention).
+    mask_BR = torch.tensor([[1, 1, 0, 0, 1, 1, 0]])
+    rewards_BR = torch.tensor([[0.0, 0.0, 5.0, 5.0, 0.0, 1.0, 5.0]])
+    values_BR = torch.tensor([[0.5, 0.2, 9.0, 9.0, 0.4, 0.6, 9.0]])
+    adv_BR, ret_BR = gae(rewards_BR, values_BR, mask_BR, gamma=0.9, lam=0.8)
+    close(adv_BR, [[0.0170752, 0.46816, 0, 0, 0.428, 0.4, 0]])
+    close(ret_BR, [[0.5170752, 0.66816, 0, 0, 0.828, 1.0, 0]])
+    # gamma = lam = 1: every sampled token's advantage is the whole future reward minus its value
+    adv_BR, ret_BR = gae(rewards_BR, values_BR, mask_BR, gamma=1.0, lam=1.0)
+    close(adv_BR, [[0.5, 0.8, 0, 0, 0.6, 0.4, 0]])
+    close(ret_BR, [[1.0, 1.0, 0, 0, 1.0, 1.0, 0]])
+
+
 def test_gae_per_sequence_lambda():
     # Same row twice, gamma 1: deltas [0.2 - 0.5, 0.9 - 0.2, 1 - 0.9] = [-0.3, 0.7, 0.1].
     # lam 0.5: A_2 = 0.1, A_1 = 0.7 + 0.5 * 0.1 = 0.75, A_0 = -0.3 + 0.5 * 0.75 = 0.075.
