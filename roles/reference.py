@@ -35,8 +35,9 @@ class Reference:
         max_tokens_per_micro_batch: int | None = None
         """Token budget of one forward, balanced across ranks (as the actor's); None:
         micro_batch_size samples each."""
-        packing: bool = False
-        """Run each forward on packed rows instead of the padded layout (the same log-probs)."""
+        packing: bool = True
+        """Run each forward on packed rows instead of the padded layout (the same log-probs);
+        false: padded."""
         anchor: Literal["fixed", "reset", "ema"] = "fixed"
         """fixed: the initial policy; reset: copy the actor every anchor_every steps; ema:
         ref <- decay * ref + (1 - decay) * actor after every step."""

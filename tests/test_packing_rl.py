@@ -6,7 +6,8 @@ lengths (a 1-token response, a response at the length budget, 5 samples on one r
 the other); token-budget micro-batches give the same as fixed-size ones; nothing attends across
 packed samples (and the check notices when something does); the plan keeps every rank's
 micro-batch count equal and every micro-batch within its budget; the micro-batch loop reads
-nothing back from the device. The algorithm runs packed match their padded golden numbers.
+nothing back from the device. Every algorithm's golden run (packed, the default) gives the
+same numbers padded.
 """
 from __future__ import annotations
 
@@ -234,9 +235,9 @@ def test_fixed_size_plan_keeps_consecutive_runs_and_pads_with_idle_micro_batches
 # ---- actor, critic and reference on 1 and 2 ranks ----------------------------------------------
 
 VARIANTS: dict[str, dict] = {
-    "padded": dict(micro_batch_size=8),
-    "padded_mbs3": dict(micro_batch_size=3),
-    "padded_budget": dict(max_tokens_per_micro_batch=40),
+    "padded": dict(packing=False, micro_batch_size=8),
+    "padded_mbs3": dict(packing=False, micro_batch_size=3),
+    "padded_budget": dict(packing=False, max_tokens_per_micro_batch=40),
     "packed": dict(packing=True, micro_batch_size=8),
     "packed_mbs3": dict(packing=True, micro_batch_size=3),
     "packed_budget": dict(packing=True, max_tokens_per_micro_batch=24),
@@ -393,16 +394,17 @@ def test_two_optimizer_steps_equal_padded(runs):
                 assert g[k] == pytest.approx(v, **tol), f"{label} step {step} {k}"
 
 
-# ---- every algorithm, packed, against the padded golden numbers ----------------------------------
+# ---- every algorithm, padded, against the (packed) golden numbers ----------------------------------
 
-PACKED = ["actor.packing=true", "critic.packing=true", "reference.packing=true"]
+PADDED = ["actor.packing=false", "critic.packing=false", "reference.packing=false"]
+"""The golden runs use the default, packed; these runs the padded layout."""
 
 
 def packed_tolerance(key: str, golden: float) -> dict[str, float]:
     """The golden tolerance (1e-4 relative; ~0 values stay ~0), except `mismatch/*`: those
     measure the float rounding between the engine's and the trainer's log-probs themselves, so
     another summation order moves them by their own size (~1e-6): 1e-5 absolute; and losses
-    (measured: packed moves actor/loss ~4e-8 on 2.4e-4 at step 3, 3e-4 relative)."""
+    (measured: the layouts differ in actor/loss by ~4e-8 on 2.4e-4 at step 3, 3e-4 relative)."""
     if key.startswith("mismatch/"):
         return {"rel": 0.0, "abs": 1e-5}
     if key.endswith("loss"):  # a mean of O(1) per-token terms that cancel to ~1e-4: float32
@@ -414,12 +416,12 @@ def packed_tolerance(key: str, golden: float) -> dict[str, float]:
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ALGORITHMS.names())
-def test_algorithm_runs_packed_match_the_padded_golden_numbers(tmp_path, name):
+def test_algorithm_runs_padded_match_the_packed_golden_numbers(tmp_path, name):
     from tests.test_algorithms_e2e import EXTRA, GOLDEN_DIR, SMALL, comparable
     from tests.test_train_e2e import read_metrics, torchrun
     out = tmp_path / name
     torchrun("configs/quickstart.yaml", f"run.output_dir={out}", f"algorithm.name={name}", *SMALL,
-             *EXTRA.get(name, []), *PACKED)
+             *EXTRA.get(name, []), *PADDED)
     rows = [comparable(r) for r in read_metrics(out)]
     golden = json.loads((GOLDEN_DIR / f"{name}.json").read_text())["rows"]
     assert len(rows) == len(golden)
