@@ -19,8 +19,8 @@ from core.graph import PROMPTS, Node, Result
 
 SEQUENCE = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
 """The fields a forward pass over prompt + response needs."""
-GENERATED = ("response_ids", "response_mask", "rollout_logp", "response_text", "finish_reason",
-             "response_budget")
+GENERATED = ("response_ids", "response_mask", "observation_mask", "rollout_logp", "response_text",
+             "finish_reason", "response_budget")
 """The fields generation adds."""
 
 declare_field("rollout_is_weights", shape="B,R",

@@ -12,6 +12,16 @@ Layout of one sample (P = prompt width, R = response width):
 
 so `cat(prompt_ids, response_ids)` is the model input and the logits at columns P-1 .. P+R-2
 predict the response tokens. A batch is immutable: `with_fields` returns a new one.
+
+A multi-turn sample (tool calls, roles/rollout/multiturn.py) also carries `observation_mask`,
+1 on the tokens a tool returned between two sampled turns:
+
+    response_ids     [c0 c1 ] o0 o1 a0 eos pad]   ("]" ends a call; o0 o1 its result)
+    response_mask    [ 1  1  1  0  0  1   1   0]   sampled tokens: losses, advantages
+    observation_mask [ 0  0  0  1  1  0   0   0]   attended to, never in a loss
+
+The model attends to both (`response_tokens`); everything that scores, weights or counts
+sampled tokens reads response_mask.
 """
 from __future__ import annotations
 
@@ -57,6 +67,8 @@ declare_field("prompt_ids", shape="B,P", doc="prompt token ids, left-padded", pa
 declare_field("prompt_mask", shape="B,P", doc="1 on real prompt tokens", pad_side="left")
 declare_field("response_ids", shape="B,R", doc="sampled token ids, right-padded")
 declare_field("response_mask", shape="B,R", doc="1 on generated tokens (the stop token included)")
+declare_field("observation_mask", shape="B,R",
+              doc="1 on tokens a tool returned inside the response (multi-turn): attended to, never in a loss")
 declare_field("rollout_logp", shape="B,R", doc="log-prob of each sampled token under the engine")
 declare_field("old_logp", shape="B,R", doc="log-prob under the policy that sampled (recomputed by the actor)")
 declare_field("ref_logp", shape="B,R", doc="log-prob under the reference policy")
@@ -164,7 +176,7 @@ class Batch:
                 if k in out:
                     out[k] = out[k][:, start:]
         if "response_mask" in out:
-            keep = out["response_mask"].any(0).nonzero()
+            keep = response_tokens(self).any(0).nonzero()
             end = int(keep[-1]) + 1 if len(keep) else 0
             for k, spec in FIELDS.items():
                 if k in out and spec.shape == "B,R":
@@ -231,7 +243,7 @@ def _pad_to_common_width(values: list[torch.Tensor], spec: FieldSpec) -> list[to
 def model_inputs(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids [B,P+R], attention_mask [B,P+R], position_ids [B,P+R]) for a causal LM."""
     ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
-    mask = torch.cat([batch.prompt_mask, batch.response_mask], dim=1).long()
+    mask = torch.cat([batch.prompt_mask, response_tokens(batch)], dim=1).long()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, pos
 
@@ -246,6 +258,14 @@ class GlobalCounts:
     budget: float = 0.0
     """The largest response budget (max_new_tokens) of the step's samples; 0 when the batch
     does not carry `response_budget` (C of seq-mean-token-sum-norm)."""
+
+
+def response_tokens(batch: Batch) -> torch.Tensor:
+    """[B, R] 1 on every real response token: sampled ones and, in a multi-turn sample, the
+    observations between them (what the model attends to)."""
+    if "observation_mask" not in batch:
+        return batch.response_mask
+    return (batch.response_mask.bool() | batch.observation_mask.bool()).to(batch.response_mask.dtype)
 
 
 def loss_mask(batch: Batch) -> torch.Tensor:
@@ -280,7 +300,7 @@ class SampleSizes:
     prompt: list[int]
     """Real prompt tokens (prompt_mask summed)."""
     response: list[int]
-    """Real response tokens (response_mask summed)."""
+    """Real response tokens (`response_tokens` summed: sampled and observation tokens)."""
     prompt_span: list[int]
     """Columns from the first real prompt token to the end (what `trim` keeps)."""
     response_span: list[int]
@@ -316,7 +336,7 @@ def sample_sizes(batch: Batch) -> SampleSizes:
     mask = loss_mask(batch) if ("loss_mask" in batch or "response_mask" in batch) else None
     cols = []
     if "prompt_mask" in batch and "response_mask" in batch:
-        pm, rm = batch.prompt_mask.bool(), batch.response_mask.bool()
+        pm, rm = batch.prompt_mask.bool(), response_tokens(batch).bool()
         P, R = pm.shape[1], rm.shape[1]
         # first real prompt column / last real response column (argmax picks the first max)
         p_span = torch.where(pm.any(-1), P - pm.long().argmax(-1), 0)

@@ -266,7 +266,16 @@ def response_logprobs(model: torch.nn.Module, mb: Batch, packed: PackedSamples |
         return token_logprobs(model, mb, temperature=temperature, with_entropy=with_entropy)
     out_N2 = packed_token_logprobs(model, packed.ids_BL, packed.pos_BL, keep_K=packed.keep_K, pick_N=packed.pick_N,
                                    targets_N=packed.targets_N, temperature=temperature, with_entropy=with_entropy)
-    return packed.to_samples(out_N2[:, 0]), packed.to_samples(out_N2[:, 1]) if with_entropy else None
+    logp_BR = sampled_only(mb, packed.to_samples(out_N2[:, 0]))
+    return logp_BR, sampled_only(mb, packed.to_samples(out_N2[:, 1])) if with_entropy else None
+
+
+def sampled_only(mb: Batch, x_BR: torch.Tensor) -> torch.Tensor:
+    """x_BR with 0 at a multi-turn sample's observation tokens (packed rows hold them as real
+    tokens; outputs, as in the padded layout, exist only at sampled tokens)."""
+    if "observation_mask" not in mb:
+        return x_BR
+    return torch.where(mb.response_mask.bool(), x_BR, torch.zeros((), dtype=x_BR.dtype, device=x_BR.device))
 
 
 # --- Micro-batches --------------------------------------------------------------------------
@@ -334,7 +343,8 @@ def check_packable(sizes: SampleSizes) -> None:
     response token)."""
     if not sizes.contiguous():
         raise ValueError("packing needs left-padded prompts and right-padded responses without holes in "
-                         "prompt_mask/response_mask; set packing=false for this batch layout")
+                         "prompt_mask and response_mask (plus observation_mask in a multi-turn sample); "
+                         "set packing=false for this batch layout")
     if any(n == 0 for n in sizes.prompt):
         raise ValueError("packing needs a non-empty prompt in every sample")
 

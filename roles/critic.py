@@ -19,7 +19,7 @@ from core.batch import Batch, GlobalCounts, loss_mask, model_inputs
 from core.checkpoint import ShardedState
 from core.graph import Phase, Result
 from core.optim import OptimConfig, TrainState
-from core.packing import PackedSamples, map_micro_batches
+from core.packing import PackedSamples, map_micro_batches, sampled_only
 
 
 class ValueLossFn(Protocol):
@@ -56,7 +56,7 @@ def response_values(model: ValueModel, batch: Batch, packed: PackedSamples | Non
     rows of `batch`'s samples when `packed` is given (the same values)."""
     if packed is not None:
         v_BL = model(packed.ids_BL, None, packed.pos_BL)
-        return packed.to_samples(v_BL.reshape(-1)[packed.slot_N])
+        return sampled_only(batch, packed.to_samples(v_BL.reshape(-1)[packed.slot_N]))
     ids, mask, pos = model_inputs(batch)
     P = batch.prompt_ids.shape[1]
     v_BT = model(ids, mask, pos)

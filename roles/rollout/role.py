@@ -22,6 +22,7 @@ from core.graph import Phase, Result
 from roles.rollout import sglang_engine, torch_engine  # noqa: F401  (register the engines)
 from roles.rollout.buffer import RolloutBuffer
 from roles.rollout.engine import Engine, EngineConfig, EngineContext, Generation, SamplingParams, to_generation
+from roles.rollout.multiturn import MultiTurn, ToolsConfig, tool_stops
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class Rollout:
         """Extra stop tokens (each must be one token of the vocabulary); EOS always stops."""
         dtype: str = "float32"
         """Engine weight dtype; actor weights are cast to it at every sync."""
+        tools: ToolsConfig = field(default_factory=ToolsConfig)
+        """Multi-turn rollouts with tool calls (roles/rollout/multiturn.py); off without names."""
 
         def __post_init__(self) -> None:
             at_least(self, 1, "n", "max_new_tokens")
@@ -60,7 +63,12 @@ class Rollout:
         self.cfg = cfg
         self.engine = engine
         self.tokenizer = tokenizer
-        self.stop_token_ids = stop_ids(tokenizer, cfg.stop)
+        self.stop_token_ids = stop_ids(tokenizer, cfg.stop + tool_stops(cfg.tools))
+        self.multiturn = MultiTurn(cfg.tools, tokenizer) if cfg.tools.names else None
+        """Tool calls between turns (None: one response per sample)."""
+        if self.multiturn is not None and buffer is not None:
+            raise ValueError("multi-turn tool rollouts (rollout.tools.names) run synchronously: set "
+                             "algorithm.off_policy.max_staleness=0")
         self._seed = seed
         self._rank = rank
         self.calls = 0
@@ -81,7 +89,8 @@ class Rollout:
         """The configured engine: `policy()` builds its own copy of the policy where the engine
         needs one (torch); sglang starts from the folder `model_path` instead."""
         ctx = EngineContext(policy=policy, model_path=model_path, pad_token_id=tokenizer.pad_token_id,
-                            stop_token_ids=stop_ids(tokenizer, cfg.stop), device=device, dtype=dtype,
+                            stop_token_ids=stop_ids(tokenizer, cfg.stop + tool_stops(cfg.tools)),
+                            device=device, dtype=dtype,
                             seed=seed)
         return cls(cfg, cfg.engine.build(ctx), tokenizer, seed=seed, rank=rank, buffer=buffer)
 
@@ -112,19 +121,34 @@ class Rollout:
                 gen = to_generation(completions, self.tokenizer.pad_token_id, device=rows.prompt_ids.device)
                 return Result(self._responses(rows, gen, [self.max_new_tokens] * len(completions)),
                               metrics=metrics | self._stats(), counts=counts)
+        if self.multiturn is not None:
+            turns = self.multiturn.generate(self.engine, batch.prompt_ids, batch.prompt_mask, sampling,
+                                            self.tokenizer.pad_token_id)
+            rows = batch.repeat_interleave(sampling.n)
+            gen = Generation(turns.response_ids, turns.response_mask, turns.logp, turns.finish_reason)
+            return Result(self._responses(rows, gen, [sampling.max_new_tokens] * len(rows),
+                                          observation_mask=turns.observation_mask),
+                          metrics=turns.metrics | self._stats(), counts=turns.counts)
         # the batch call: an engine that implements only generate() (not generate_requests) works
         gen = self.engine.generate(batch.prompt_ids, batch.prompt_mask, sampling)
         rows = batch.repeat_interleave(sampling.n)
         return Result(self._responses(rows, gen, [sampling.max_new_tokens] * len(rows)), metrics=self._stats())
 
-    def _responses(self, rows: Batch, out: Generation, budgets: list[int]) -> Batch:
+    def _responses(self, rows: Batch, out: Generation, budgets: list[int], *,
+                   observation_mask: torch.Tensor | None = None) -> Batch:
+        """The generated fields; `response_text` is the whole response (observations included:
+        the transcript a scorer reads)."""
         device = rows.prompt_ids.device
         out = Generation(out.response_ids.to(device), out.response_mask.to(device), out.logp.to(device),
                          out.finish_reason)
-        texts = [self.tokenizer.decode(ids[m.bool()].tolist(), skip_special_tokens=True)
-                 for ids, m in zip(out.response_ids.cpu(), out.response_mask.cpu())]
+        observed = (torch.zeros_like(out.response_mask) if observation_mask is None
+                    else observation_mask.to(device))
+        real = (out.response_mask.bool() | observed.bool()).cpu()
+        texts = [self.tokenizer.decode(ids[m].tolist(), skip_special_tokens=True)
+                 for ids, m in zip(out.response_ids.cpu(), real)]
         return rows.with_fields(response_ids=out.response_ids, response_mask=out.response_mask,
-                                rollout_logp=out.logp, response_text=texts, finish_reason=out.finish_reason,
+                                observation_mask=observed, rollout_logp=out.logp, response_text=texts,
+                                finish_reason=out.finish_reason,
                                 response_budget=torch.tensor(budgets, dtype=torch.long, device=rows.prompt_ids.device))
 
     def _stats(self) -> dict[str, float]:
