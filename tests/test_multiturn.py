@@ -15,8 +15,13 @@ import torch
 from core.batch import Batch, model_inputs, sample_sizes
 from core.models import build_model, token_logprobs
 from core.packing import pack_samples, response_logprobs
+from launch.tasks import char_tokenizer
 from roles.critic import ValueModel, response_values
+from roles.rollout.engine import Completion, Engine, Request
+from roles.rollout.multiturn import ToolsConfig
+from roles.rollout.role import Rollout
 from roles.rollout.tools import TOOLS, ToolSet, calculator, schema
+from roles.rollout.torch_engine import TorchEngine
 from tests.helpers import VOCAB, tiny_model_config
 
 # ---- observation tokens in the batch: attended to, never in a loss ----------------------------
@@ -126,3 +131,218 @@ def test_a_failing_slow_or_unknown_tool_is_an_observation():
     assert tools.call("nope", {}).status == "unknown"
     assert tools.call("calculator", {"wrong": "2"}).status == "error"  # bad arguments
     assert tools.call("calculator", {"expression": "9 ** 60"}).text.endswith("...(truncated)")
+
+
+# ---- the turn loop on the real torch engine and a real (random) model ------------------------
+
+TOOL_ALPHABET = "0123456789+-*=() []{}"
+
+
+class RecordingEngine(TorchEngine):
+    """The real engine, keeping every request it was given and what it returned."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.log: list[tuple[Request, Completion]] = []
+
+    def generate_requests(self, requests, *, pause=None):
+        out = super().generate_requests(requests, pause=pause)
+        self.log += list(zip(requests, out))
+        return out
+
+
+def plain_rollout(seed: int = 0, **tools_over) -> tuple[Rollout, RecordingEngine, object]:
+    tok = char_tokenizer(TOOL_ALPHABET)
+    model = build_model(tiny_model_config(vocab_size=len(tok)), seed=seed)
+    engine = RecordingEngine(model, pad_token_id=tok.pad_token_id, device=torch.device("cpu"))
+    tools = ToolsConfig(**({"names": ["calculator"], "format": "plain", "max_calls": 3,
+                            "max_observation_tokens": 12} | tools_over))
+    rollout = Rollout(Rollout.Config(n=4, max_new_tokens=40, tools=tools), engine, tok, seed=seed, rank=0)
+    return rollout, engine, model
+
+
+def prompts(tok, texts: list[str]) -> Batch:
+    ids = [tok.encode(t, add_special_tokens=False) for t in texts]
+    P = max(map(len, ids))
+    return Batch(prompt_ids=torch.tensor([[0] * (P - len(x)) + x for x in ids]),
+                 prompt_mask=torch.tensor([[0] * (P - len(x)) + [1] * len(x) for x in ids]))
+
+
+def test_trained_ids_are_the_engine_ids_token_for_token():
+    """Random weights over a 24-character vocabulary sample `]` often, so calls (mostly
+    malformed expressions, answered with error observations) happen without any training."""
+    rollout, engine, model = plain_rollout()
+    tok = rollout.tokenizer
+    res = rollout.generate(prompts(tok, ["12*34=", "5+6=", "(1+2)*3=", "99*9="]))
+    b = res.value
+    assert res.counts["tools/calls"] >= 8, res.counts  # this seed calls often; the checks below need it
+    eos, close = tok.eos_token_id, tok.convert_tokens_to_ids("]")
+    final = {}
+    for req, comp in engine.log:  # the last call of each sample holds all it consumed
+        final[req.sampling.seed] = list(req.prefix) + list(comp.tokens)
+    seeds = [r.sampling.seed for r, _ in engine.log[:len(b)]]
+    for i in range(len(b)):
+        n = int((b.response_mask[i] | b.observation_mask[i]).sum())
+        ids = b.response_ids[i, :n].tolist()
+        # everything the engine consumed or produced is the sample, in order, nothing re-encoded
+        assert ids[:len(final[seeds[i]])] == final[seeds[i]]
+        for req, comp in engine.log:
+            if req.sampling.seed == seeds[i]:
+                assert ids[:len(req.prefix)] == list(req.prefix)
+                start = len(req.prefix)
+                assert ids[start:start + len(comp.tokens)] == list(comp.tokens)
+                assert b.response_mask[i, start:start + len(comp.tokens)].all()  # sampled, in the loss
+                assert b.rollout_logp[i, start:start + len(comp.tokens)].tolist() == \
+                    pytest.approx(list(comp.logp), abs=0)
+        obs = b.observation_mask[i, :n].bool()
+        assert not (b.response_mask[i, :n].bool() & obs).any()
+        assert (b.rollout_logp[i, :n][obs] == 0).all()
+        for s, e in spans(obs.tolist()):  # each observation follows the `]` that ended its call
+            assert ids[s - 1] == close and b.response_mask[i, s - 1] == 1
+            assert tok.decode(ids[s:e]).startswith("{")
+        if b.finish_reason[i] == "stop":  # the model's own end: EOS, sampled, in the loss
+            assert ids[-1] == eos and b.response_mask[i, n - 1] == 1
+    # the trainer, recomputing log-probs on the batch, sees what the engine saw
+    logp, _ = token_logprobs(model, b)
+    m = b.response_mask.bool()
+    torch.testing.assert_close(logp[m], b.rollout_logp[m], rtol=0, atol=1e-5)
+    assert res.metrics["tools/calls_per_sample"] == res.counts["tools/calls"] / len(b)
+
+
+def spans(mask: list[bool]) -> list[tuple[int, int]]:
+    out, start = [], None
+    for j, v in enumerate(mask + [False]):
+        if v and start is None:
+            start = j
+        elif not v and start is not None:
+            out.append((start, j))
+            start = None
+    return out
+
+
+def test_the_observation_is_the_tools_answer_cut_to_its_budget():
+    rollout, engine, _ = plain_rollout(max_observation_tokens=6)
+    tok = rollout.tokenizer
+    b = rollout.generate(prompts(tok, ["12*34=", "5+6="])).value
+    seen = 0
+    for i in range(len(b)):
+        n = int((b.response_mask[i] | b.observation_mask[i]).sum())
+        ids = b.response_ids[i, :n].tolist()
+        for s, e in spans(b.observation_mask[i, :n].bool().tolist()):
+            call = tok.decode(ids[:s])
+            body = call[call.rfind("[") + 1:-1]
+            try:
+                answer = calculator(body)
+            except Exception:
+                answer = None
+            text = tok.decode(ids[s:e])
+            assert e - s <= 6
+            if answer is not None:
+                assert text == ("{" + answer + "}")[:6]
+            else:
+                assert text.startswith("{")  # an error observation (its words fall outside the alphabet)
+            seen += 1
+    assert seen > 0
+
+
+# ---- the hermes format with a chat template: the model's choices scripted --------------------
+
+QWEN_LIKE_TEMPLATE = (  # Qwen2.5's tool layout; like Qwen3's, it drops earlier turns' reasoning
+    "{%- for m in messages %}"
+    "{%- if m.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + m.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- elif m.role == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' + m.content.split('</think>')[-1] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>", "<tool_call>", "</tool_call>", "<think>", "</think>"]
+
+
+def chat_tokenizer():
+    tok = char_tokenizer("".join(chr(c) for c in range(32, 127)) + "\n")
+    tok.add_special_tokens({"additional_special_tokens": CHAT_SPECIALS})
+    tok.eos_token = "<|im_end|>"
+    tok.chat_template = QWEN_LIKE_TEMPLATE
+    return tok
+
+
+class ScriptedEngine(Engine):
+    """Plays the model: sample j's turn k is script[j][k] (tokenised), log-prob -0.5 per token.
+    The rollout loop, tokenizer, template and tools are the real ones."""
+
+    def __init__(self, tok, script: list[list[str]]):
+        self.tok, self.script, self.pad_token_id = tok, script, tok.pad_token_id
+        self.requests: list[Request] = []
+        self.index: dict[int, int] = {}
+
+    def generate_requests(self, requests, *, pause=None):
+        out = []
+        for r in requests:
+            self.requests.append(r)
+            j = self.index.setdefault(r.sampling.seed, len(self.index))
+            turn = sum(1 for q in self.requests[:-1] if q.sampling.seed == r.sampling.seed)
+            ids = self.tok.encode(self.script[j][turn], add_special_tokens=False)
+            out.append(Completion(tuple(ids), (-0.5,) * len(ids), "stop"))
+        return out
+
+
+def hermes_rollout(script, **tools_over):
+    tok = chat_tokenizer()
+    engine = ScriptedEngine(tok, script)
+    tools = ToolsConfig(**({"names": ["calculator"], "format": "hermes"} | tools_over))
+    rollout = Rollout(Rollout.Config(n=1, max_new_tokens=400, tools=tools), engine, tok, seed=0, rank=0)
+    return rollout, engine, tok
+
+
+CALL = '<tool_call>{"name": "calculator", "arguments": {"expression": "123*456"}}</tool_call>'
+
+
+def test_hermes_turns_keep_the_separator_the_end_of_turn_and_the_reasoning():
+    script = [["<think>multiply first</think>" + CALL + "<|im_end|>", "<think>so</think>56088<|im_end|>"]]
+    rollout, engine, tok = hermes_rollout(script)
+    res = rollout.generate(prompts(tok, ["<|im_start|>user\n123*456?<|im_end|>\n<|im_start|>assistant\n"]))
+    b = res.value
+    n = int((b.response_mask[0] | b.observation_mask[0]).sum())
+    ids = b.response_ids[0, :n].tolist()
+    first = tok.encode(script[0][0], add_special_tokens=False)
+    observation = "\n<|im_start|>user\n<tool_response>\n56088\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    obs_ids = tok.encode(observation, add_special_tokens=False)
+    second = tok.encode(script[0][1], add_special_tokens=False)
+    assert ids == first + obs_ids + second  # the separator after <|im_end|> is there
+    assert b.response_mask[0, :n].tolist() == [1] * len(first) + [0] * len(obs_ids) + [1] * len(second)
+    assert b.observation_mask[0, :n].tolist() == [0] * len(first) + [1] * len(obs_ids) + [0] * len(second)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert ids[len(first) - 1] == im_end and b.response_mask[0, len(first) - 1] == 1  # learns to stop
+    # the second turn conditioned on the first one as sampled, reasoning included
+    assert list(engine.requests[1].prefix) == first + obs_ids
+    assert "multiply first" in tok.decode(engine.requests[1].prefix)
+    assert res.counts["tools/calls"] == 1 and res.metrics["tools/error_rate"] == 0
+
+
+def _slow(seconds: str) -> str:
+    """Sleep, then answer.
+
+    Args:
+        seconds: how long to sleep
+    """
+    time.sleep(float(seconds))
+    return "late"
+
+
+def test_a_malformed_call_an_unknown_tool_and_a_timeout_are_counted_observations(monkeypatch):
+    monkeypatch.setitem(TOOLS._items, "slow", _slow)
+    script = [['<tool_call>{"name": "calculator", "arguments": </tool_call><|im_end|>', "a<|im_end|>"],
+              ['<tool_call>{"name": "nope", "arguments": {}}</tool_call><|im_end|>', "b<|im_end|>"],
+              ['<tool_call>{"name": "slow", "arguments": {"seconds": "3"}}</tool_call><|im_end|>', "c<|im_end|>"],
+              ["no call at all<|im_end|>"]]
+    rollout, engine, tok = hermes_rollout(script, names=["calculator", "slow"], timeout_s=0.3)
+    res = rollout.generate(prompts(tok, ["q1", "q2", "q3", "q4"]))
+    assert res.counts["tools/calls"] == 3
+    assert (res.counts["tools/malformed"], res.counts["tools/unknown"], res.counts["tools/timeout"]) == (1, 1, 1)
+    assert res.metrics["tools/error_rate"] == 1.0
+    texts = res.value.response_text
+    assert "malformed tool call" in texts[0] and "unknown tool 'nope'" in texts[1] and "timed out" in texts[2]
+    assert texts[3] == "no call at all" and res.value.finish_reason == ["stop"] * 4
