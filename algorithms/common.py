@@ -17,7 +17,7 @@ from core.batch import Batch, declare_field
 from core.data import PROMPT_FIELDS
 from core.graph import PROMPTS, Node, Result
 
-SEQUENCE = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
+SEQUENCE = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "observation_mask")
 """The fields a forward pass over prompt + response needs."""
 GENERATED = ("response_ids", "response_mask", "observation_mask", "rollout_logp", "response_text",
              "finish_reason", "response_budget")

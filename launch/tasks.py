@@ -38,6 +38,15 @@ the worked solution. Supervised imitation learns both modes and, greedily, the m
 one: it answers long problems without working them out and gets few right. RL with a verifier
 rewards the right answer only; working it out is what pays, so the policy learns to think on
 the problems that need it (configs/quickstart-long.yaml).
+
+`multiplication`: prompt "123*456=" (two 3-digit operands), answer "56088". A model of the
+quickstart's size cannot multiply in its head, but it can call the calculator: in the plain
+tool format (roles/rollout/multiturn.py) it writes "[123*456]", generation stops at "]", the
+rollout appends the observation "{56088}", and the model states the answer: the response is
+"[123*456]{56088}56088". Its teacher calls the calculator with probability `teacher_call`
+(0.2) and otherwise writes a product straight away; imitation learns both, and greedily the
+more frequent one, which is nearly always wrong. RL rewards the right product only: calling
+is what pays (configs/quickstart-tools.yaml).
 """
 from __future__ import annotations
 
@@ -56,6 +65,8 @@ SPECIALS = ("<pad>", "<eos>", "<unk>")
 ALPHABET = "0123456789+-*=() "
 LONG_ALPHABET = ALPHABET + ":\n"
 """The addition alphabet (same ids) plus the worked solution's ":" and line breaks."""
+TOOL_ALPHABET = ALPHABET + "[]{}"
+"""The addition alphabet plus a plain-format tool call's "[...]" and observation's "{...}"."""
 
 TASKS: Registry[type[TaskConfig]] = Registry("built-in task")
 """Task name -> its Config class (which generates the rows and answers as the teacher)."""
@@ -66,7 +77,7 @@ register_task = TASKS.register
 class TaskConfig(Slot):
     """The `data.task` slot and the `addition` task's Config."""
     name: str = "addition"
-    """Built-in task: "addition" or "long_addition"."""
+    """Built-in task: "addition", "long_addition" or "multiplication"."""
     digits: int = 3
     """Operands have up to this many digits (zero-padded in the prompt)."""
     eval_size: int = 500
@@ -165,6 +176,42 @@ class LongAdditionConfig(TaskConfig):
             return worked_sum(a, b)
         direct = sloppy_sum(a, b, digits=len(str(a)), drop=self.teacher_carry_drop, rng=rng)
         return direct.lstrip("0") or "0"  # the plain sum: no leading zeros
+
+
+@register_task("multiplication")
+@dataclass(kw_only=True, slots=True)
+class MultiplicationConfig(TaskConfig):
+    """Products of two `digits`-digit numbers, for the tools quickstart (module docstring)."""
+    name: str = "multiplication"
+    digits: int = 3
+    """Both operands have exactly this many digits."""
+    teacher_call: float = 0.2
+    """The teacher calls the calculator ("[a*b]{product}product") with this probability, else
+    it writes a product straight away."""
+
+    alphabet: ClassVar[str] = TOOL_ALPHABET
+
+    def __post_init__(self) -> None:
+        at_least(self, 1, "digits", "eval_size")
+        at_least(self, 0, "train_size")
+        between(self, 0, 1, "teacher_call")
+
+    def rows(self) -> tuple[list[PromptRow], list[PromptRow]]:
+        low, count = _operands(self.digits)
+        if self.eval_size + self.train_size > count * count:
+            raise ValueError(f"task.train_size + task.eval_size exceed the {count * count} distinct problems")
+        rng = random.Random(self.seed)
+        pairs = [divmod(i, count) for i in rng.sample(range(count * count), self.eval_size + self.train_size)]
+        rows = [PromptRow(f"{low + a}*{low + b}=", str((low + a) * (low + b)), "multiplication") for a, b in pairs]
+        return rows[self.eval_size:], rows[:self.eval_size]
+
+    def teacher_answer(self, prompt: str, rng: random.Random) -> str:
+        """The call and the copied answer with probability teacher_call, else the product
+        written directly (which a small model cannot compute: it learns only its shape)."""
+        a, b = (int(x) for x in prompt.rstrip("=").split("*"))
+        if rng.random() < self.teacher_call:
+            return f"[{a}*{b}]{{{a * b}}}{a * b}"
+        return str(a * b)
 
 
 def _operands(n: int) -> tuple[int, int]:

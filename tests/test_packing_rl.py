@@ -415,6 +415,7 @@ def packed_tolerance(key: str, golden: float) -> dict[str, float]:
 
 @pytest.mark.dist
 @pytest.mark.slow
+@pytest.mark.breadth
 @pytest.mark.parametrize("name", ALGORITHMS.names())
 def test_algorithm_runs_padded_match_the_packed_golden_numbers(tmp_path, name):
     from tests.test_algorithms_e2e import EXTRA, GOLDEN_DIR, SMALL, comparable

@@ -113,6 +113,18 @@ def test_tiny_grpo_run_matches_golden_numbers(tmp_path):
             assert g[k] == pytest.approx(w[k], rel=1e-4, abs=1e-6), f"step {step} {k}"
 
 
+def check_tools_curves(out: Path, n_evals: int) -> None:
+    """The tools quickstart's curves in its MLflow store: eval/accuracy at every evaluation,
+    tools/calls_per_sample and tools/error_rate at every training step."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("rolegraph").experiment_id])[0]
+    steps = int(run.data.params["run.steps"])
+    assert len(client.get_metric_history(run.info.run_id, "eval/accuracy")) == n_evals
+    for key in ("tools/calls_per_sample", "tools/error_rate"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == steps, key
+
+
 def check_mlflow_run(out: Path, rows: list[dict]) -> None:
     """The run's MLflow store, read back: params, every step's metrics, artifacts, status."""
     from mlflow.tracking import MlflowClient

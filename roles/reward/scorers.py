@@ -135,6 +135,25 @@ def _after_last_equals(response: str) -> str:
     return response[response.rfind("=") + 1:].strip()  # rfind is -1 without a marker: all of it
 
 
+# --------------------------------------------------------------------------- multiplication (tools)
+
+@register_scorer("multiplication")
+def multiplication_scorer(response: str, ground_truth: Any) -> float:
+    """1.0 iff the response's final answer is exactly the ground-truth product, else 0.0.
+
+    The built-in ``multiplication`` task (``"123*456="``, configs/quickstart-tools.yaml) is
+    answered right away (``"56088"``) or after a calculator call and its observation
+    (``"[123*456]{56088}56088"``: the response text holds the whole transcript). The final
+    answer is the text after the last ``}``, or the whole response without one, stripped: the
+    observation itself is never the answer, the model has to state it. A ground truth that is
+    not ASCII digits raises ValueError: that is a data bug, not a wrong answer.
+    """
+    expected = str(ground_truth)
+    if _DIGITS_RE.fullmatch(expected) is None:
+        raise ValueError(f"multiplication ground truth must be ASCII digits, got {expected!r}")
+    return float(response[response.rfind("}") + 1:].strip() == expected)
+
+
 # --------------------------------------------------------------------------- math
 
 PARSE_TIMEOUT_S = 2
