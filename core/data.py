@@ -221,11 +221,13 @@ class PromptFormat:
 
 
 def read_prompts(path: str | Path, fmt: PromptFormat, tokenizer: Any = None, *,
-                 known_source: Callable[[str], bool] | None = None) -> list[PromptRow]:
+                 known_source: Callable[[str], bool] | None = None,
+                 tools: list[dict[str, Any]] | None = None) -> list[PromptRow]:
     """Rows of a JSONL (one object per line) or Parquet prompt file. The problem must be a
     non-empty string, the answer present and not null or empty, the data_source (the row's, else
     data.format.data_source) one `known_source` accepts (a scorer exists for it). Malformed rows
-    follow data.format.bad_rows (see read_rows)."""
+    follow data.format.bad_rows (see read_rows). `tools`: the JSON schemas the chat template
+    shows the model (multi-turn rollouts with tools)."""
     def parse(obj: dict, lineno: int) -> PromptRow:
         _require(obj, fmt.prompt_key, fmt.answer_key)
         problem, answer = obj[fmt.prompt_key], obj[fmt.answer_key]
@@ -239,7 +241,7 @@ def read_prompts(path: str | Path, fmt: PromptFormat, tokenizer: Any = None, *,
         if not isinstance(source, str) or (known_source is not None and not known_source(source)):
             raise ValueError(f"data_source {source!r} has no scorer (set reward.source_scorers or "
                              f"reward.scorer, or fix the row)")
-        return PromptRow(render_prompt(problem, fmt, tokenizer), answer, source, problem,
+        return PromptRow(render_prompt(problem, fmt, tokenizer, tools=tools), answer, source, problem,
                          str(obj.get("id", lineno)))
     return read_rows(path, parse, what="prompt", bad_rows=fmt.bad_rows)
 
@@ -322,7 +324,8 @@ def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 
-def render_prompt(problem: str, fmt: PromptFormat, tokenizer=None) -> str:
+def render_prompt(problem: str, fmt: PromptFormat, tokenizer=None, *,
+                  tools: list[dict[str, Any]] | None = None) -> str:
     text = problem + fmt.instruction
     if not fmt.chat_template:
         return text
@@ -331,4 +334,6 @@ def render_prompt(problem: str, fmt: PromptFormat, tokenizer=None) -> str:
                          "(set data.format.chat_template=false for raw prompts)")
     messages = ([{"role": "system", "content": fmt.system_prompt}] if fmt.system_prompt else [])
     messages.append({"role": "user", "content": text})
+    if tools:  # the template lists them for the model (Qwen2.5 and Hermes-style templates do)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

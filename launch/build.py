@@ -35,6 +35,7 @@ from roles.reward import Reward
 from roles.reward.role import has_scorer
 from roles.rollout import Rollout
 from roles.rollout.buffer import RolloutBuffer
+from roles.rollout.tools import tool_schemas
 
 logger = logging.getLogger(__name__)
 
@@ -146,8 +147,11 @@ def value_model(cfg: JobConfig, vocab: int) -> ValueModel:
 def load_prompts(cfg: JobConfig, tokenizer: Any) -> Task:
     """Training and held-out rows: from JSONL files when given, else the built-in task."""
     task = build_task(cfg.data.task) if not (cfg.data.train_files and cfg.data.eval_files) else None
+    tools = tool_schemas(cfg.rollout.tools.names)
+
     def read(path: str) -> list[PromptRow]:
-        return read_prompts(path, cfg.data.format, tokenizer, known_source=lambda s: has_scorer(cfg.reward, s))
+        return read_prompts(path, cfg.data.format, tokenizer, known_source=lambda s: has_scorer(cfg.reward, s),
+                            tools=tools)
 
     train = [r for f in cfg.data.train_files for r in read(f)]
     held_out = [r for f in cfg.data.eval_files for r in read(f)]

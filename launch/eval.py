@@ -27,6 +27,7 @@ from launch.evaluate import Sample, run_benchmark, sampling_overrides, summarize
 from launch.state import sharded_state
 from roles.reward.role import has_scorer
 from roles.reward.scorers import extract_answer
+from roles.rollout.tools import tool_schemas
 
 logger = logging.getLogger("launch.eval")
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
@@ -49,7 +50,8 @@ def run_benchmarks(job: Job) -> tuple[list[Sample], dict[str, dict[str, float]]]
     for name in ev.benchmarks:
         path = benchmark_path(name)
         rows = read_prompts(path, cfg.data.format, job.tokenizer,
-                            known_source=lambda s: has_scorer(cfg.reward, s))
+                            known_source=lambda s: has_scorer(cfg.reward, s),
+                            tools=tool_schemas(cfg.rollout.tools.names))
         samples += run_benchmark(Path(name).stem, rows, rollout=job.roles.rollout, reward=job.roles.reward,
                                  tokenizer=job.tokenizer, fmt=cfg.data.format, n=ev.n, rounds=ev.rounds,
                                  batch_size=ev.batch_size, max_prompt_len=cfg.data.max_prompt_len,

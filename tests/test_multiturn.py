@@ -346,3 +346,33 @@ def test_a_malformed_call_an_unknown_tool_and_a_timeout_are_counted_observations
     texts = res.value.response_text
     assert "malformed tool call" in texts[0] and "unknown tool 'nope'" in texts[1] and "timed out" in texts[2]
     assert texts[3] == "no call at all" and res.value.finish_reason == ["stop"] * 4
+
+
+def test_the_prompt_lists_the_tools_for_the_chat_template():
+    from core.data import PromptFormat, render_prompt
+    from roles.rollout.tools import tool_schemas
+    tok = chat_tokenizer()
+    tok.chat_template = ("{%- if tools %}{{- '<|im_start|>system\\ntools:' }}{%- for t in tools %}"
+                         "{{- ' ' + t.function.name }}{%- endfor %}{{- '<|im_end|>\\n' }}{%- endif %}"
+                         + QWEN_LIKE_TEMPLATE)
+    fmt = PromptFormat(chat_template=True)
+    with_tools = render_prompt("2+2?", fmt, tok, tools=tool_schemas(["calculator", "python"]))
+    assert with_tools.startswith("<|im_start|>system\ntools: calculator python<|im_end|>\n")
+    assert render_prompt("2+2?", fmt, tok).startswith("<|im_start|>user\n2+2?")
+    assert tool_schemas([]) is None
+
+
+def test_a_users_tool_by_import_path_from_the_command_line():
+    from core.config import load_config, parse_cli
+    from launch.config import JobConfig
+    from tests.test_train_e2e import ROOT
+    _, overrides = parse_cli(["--config", "configs/quickstart.yaml",
+                              "rollout.tools.names=[calculator,examples.unit_convert:convert]"])
+    cfg = load_config(JobConfig, ROOT / "configs" / "quickstart.yaml", overrides)
+    assert cfg.rollout.tools.names == ["calculator", "examples.unit_convert:convert"]
+    tools = ToolSet(cfg.rollout.tools.names, timeout_s=1, max_chars=100)
+    assert list(tools.tools) == ["calculator", "convert"]
+    assert tools.call("convert", {"value": 10, "unit_from": "km", "unit_to": "mi"}).text == "6.21371 mi"
+    assert tools.call("convert", {"value": 1, "unit_from": "km", "unit_to": "kg"}).status == "error"
+    assert [s["function"]["name"] for s in tools.schemas] == ["calculator", "convert"]
+    assert list(tools.schemas[1]["function"]["parameters"]["properties"]) == ["value", "unit_from", "unit_to"]

@@ -64,6 +64,11 @@ def schema(fn: ToolFn) -> dict[str, Any]:
     return get_json_schema(model_facing)
 
 
+def tool_schemas(names: list[str]) -> list[dict[str, Any]] | None:
+    """The schemas of the named tools, for the prompt's chat template; None without tools."""
+    return [schema(TOOLS.get(name)) for name in names] or None
+
+
 class ToolSet:
     """The tools of a rollout, by name, each call under a wall-clock limit.
 
