@@ -34,7 +34,7 @@ from core.models import dtype_of
 from core.reshard import full_weight_buckets
 from launch.build import build_job
 from launch.config import JobConfig
-from launch.entry import run_entry
+from launch.entry import exit_after, run_entry
 from launch.train import Trainer
 
 logger = logging.getLogger("launch.bench")
@@ -197,4 +197,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    exit_after(main)

@@ -22,7 +22,7 @@ from core.data import read_prompts
 from core.tracking import Tracker
 from launch.build import Job, build_job
 from launch.config import JobConfig
-from launch.entry import run_entry
+from launch.entry import exit_after, run_entry
 from launch.evaluate import Sample, run_benchmark, sampling_overrides, summarize
 from launch.state import sharded_state
 from roles.reward.role import has_scorer
@@ -113,4 +113,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    exit_after(main)

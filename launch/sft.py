@@ -37,7 +37,7 @@ from core.packing import PackedNLL, SFTExample, encode_examples, held_out_nll, p
 from core.tracking import TrackingConfig
 from launch.build import build_policy, build_rollout
 from launch.config import DataConfig, EvalConfig, RunConfig
-from launch.entry import run_entry
+from launch.entry import exit_after, run_entry
 from launch.evaluate import held_out_accuracy
 from launch.runlog import RunLog
 from launch.tasks import build_task, char_tokenizer
@@ -204,4 +204,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    exit_after(main)

@@ -23,7 +23,7 @@ from core.optim import NonFiniteError
 from core.tracking import Tracker
 from launch.build import Job, build_job
 from launch.config import JobConfig
-from launch.entry import run_entry
+from launch.entry import exit_after, run_entry
 from launch.eval import flat_summary, run_benchmarks
 from launch.evaluate import held_out_accuracy
 from launch.runlog import RunLog
@@ -236,4 +236,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    exit_after(main)
