@@ -376,3 +376,21 @@ def test_a_users_tool_by_import_path_from_the_command_line():
     assert tools.call("convert", {"value": 1, "unit_from": "km", "unit_to": "kg"}).status == "error"
     assert [s["function"]["name"] for s in tools.schemas] == ["calculator", "convert"]
     assert list(tools.schemas[1]["function"]["parameters"]["properties"]) == ["value", "unit_from", "unit_to"]
+
+
+def test_tools_need_a_request_engine_and_a_synchronous_rollout():
+    from roles.rollout.buffer import RolloutBuffer
+
+    class BatchOnly(Engine):
+        pad_token_id = 0
+
+    tok = char_tokenizer(TOOL_ALPHABET)
+    cfg = Rollout.Config(tools=ToolsConfig(names=["calculator"], format="plain"))
+    with pytest.raises(ValueError, match="only the batch generate"):
+        Rollout(cfg, BatchOnly(), tok, seed=0, rank=0)
+    with pytest.raises(ValueError, match="max_staleness=0"):
+        Rollout(cfg, BatchOnly(), tok, seed=0, rank=0, buffer=object.__new__(RolloutBuffer))
+    with pytest.raises(ValueError, match="chat template"):
+        Rollout(Rollout.Config(tools=ToolsConfig(names=["calculator"], format="hermes")),
+                RecordingEngine(build_model(tiny_model_config(vocab_size=len(tok)), seed=0), pad_token_id=0,
+                                device=torch.device("cpu")), tok, seed=0, rank=0)

@@ -69,6 +69,9 @@ class Rollout:
         if self.multiturn is not None and buffer is not None:
             raise ValueError("multi-turn tool rollouts (rollout.tools.names) run synchronously: set "
                              "algorithm.off_policy.max_staleness=0")
+        if self.multiturn is not None and type(engine).generate_requests is Engine.generate_requests:
+            raise ValueError(f"multi-turn tool rollouts continue requests turn by turn: the engine "
+                             f"{type(engine).__name__} implements only the batch generate(), not generate_requests()")
         self._seed = seed
         self._rank = rank
         self.calls = 0
