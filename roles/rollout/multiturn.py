@@ -27,6 +27,7 @@ Formats (`rollout.tools.format`):
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 from dataclasses import dataclass, field
@@ -206,8 +207,9 @@ class MultiTurn:
                 s.calls += len(calls)
                 pending.append((i, calls))
             active = []
+            answered = self._run_calls([c for _, calls in pending for c in calls])
             for i, calls in pending:
-                observations = [c if isinstance(c, Observation) else self.tools.call(*c) for c in calls]
+                observations, answered = answered[:len(calls)], answered[len(calls):]
                 counts["calls"] += len(observations)
                 for o in observations:
                     if o.status != "ok":
@@ -227,6 +229,16 @@ class MultiTurn:
                 s.observed += [1] * len(ids)
                 active.append(i)
         return self._tensors(samples, pad_token_id, counts, turns, device=prompt_ids.device)
+
+    def _run_calls(self, calls: list[Call | Observation]) -> list[Observation]:
+        """Every call of a turn, concurrently (a sandboxed program waits on its process, not on
+        the interpreter), in order; an Observation (a malformed call) passes through."""
+        todo = [c for c in calls if not isinstance(c, Observation)]
+        if not todo:
+            return [c for c in calls if isinstance(c, Observation)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(todo))) as pool:
+            done = iter(list(pool.map(lambda c: self.tools.call(*c), todo)))
+        return [c if isinstance(c, Observation) else next(done) for c in calls]
 
     @staticmethod
     def _tensors(samples: list[_Sample], pad_token_id: int, counts: dict[str, int], turns: int, *,
