@@ -19,7 +19,7 @@ from core.graph import PROMPTS, Node, Result
 
 SEQUENCE = ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "observation_mask")
 """The fields a forward pass over prompt + response needs."""
-GENERATED = ("response_ids", "response_mask", "observation_mask", "rollout_logp", "response_text",
+GENERATED = ("response_ids", "response_mask", "observation_mask", "env_reward", "rollout_logp", "response_text",
              "finish_reason", "response_budget")
 """The fields generation adds."""
 
@@ -38,7 +38,7 @@ def generate() -> Node:
 
 
 def score() -> Node:
-    return Node("score", "reward.score", ("response_text", "ground_truth", "data_source"), ("scores",))
+    return Node("score", "reward.score", ("response_text", "ground_truth", "data_source", "env_reward"), ("scores",))
 
 
 def shape(shaping: RewardShaping) -> Node:

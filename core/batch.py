@@ -69,6 +69,7 @@ declare_field("response_ids", shape="B,R", doc="sampled token ids, right-padded"
 declare_field("response_mask", shape="B,R", doc="1 on generated tokens (the stop token included)")
 declare_field("observation_mask", shape="B,R",
               doc="1 on tokens a tool returned inside the response (multi-turn): attended to, never in a loss")
+declare_field("env_reward", shape="B", doc="sum of the environment's step rewards (multi-turn; 0 without one)")
 declare_field("rollout_logp", shape="B,R", doc="log-prob of each sampled token under the engine")
 declare_field("old_logp", shape="B,R", doc="log-prob under the policy that sampled (recomputed by the actor)")
 declare_field("ref_logp", shape="B,R", doc="log-prob under the reference policy")

@@ -192,7 +192,7 @@ def build_roles(cfg: JobConfig, used: set[str], tokenizer: Any) -> Roles:
     roles = Roles(actor=Actor(cfg.actor, policy(), total_steps=cfg.run.steps, temperature=temperature),
                   rollout=build_rollout(cfg.rollout, cfg.model, vocab=vocab, tokenizer=tokenizer, seed=cfg.run.seed,
                                         off=cfg.algorithm.off_policy),
-                  reward=Reward(cfg.reward, device=dist.info().device))
+                  reward=Reward(cfg.reward, device=dist.info().device, environment=cfg.rollout.tools.env is not None))
     if "reference" in used:
         roles.reference = Reference(cfg.reference, policy(cfg.reference.source(cfg.model)), temperature=temperature)
     if "critic" in used:

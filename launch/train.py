@@ -55,13 +55,13 @@ OPTIONAL_ROLES = ("critic", "reference")
 def run_config(cfg: JobConfig, used: set[str]) -> dict[str, Any]:
     """The resolved config as config.yaml and MLflow's params show it: every section, except
     those of optional roles the plan does not use (GRPO has no critic) and `rollout.tools`
-    without tools. `--config` on it reruns the same run (a missing section takes its defaults,
+    without tools or an environment. `--config` on it reruns the same run (a missing section takes its defaults,
     which nothing reads)."""
     tree = to_dict(cfg)
     for role in OPTIONAL_ROLES:
         if role not in used:
             tree.pop(role, None)
-    if not cfg.rollout.tools.names:
+    if not cfg.rollout.tools.multi_turn:
         tree["rollout"].pop("tools", None)
     return tree
 

@@ -120,9 +120,10 @@ def _sleeps(seconds: str) -> str:
     return "awake"
 
 
-def test_a_failing_slow_or_unknown_tool_is_an_observation():
-    tools = ToolSet(["calculator"], timeout_s=0.2, max_chars=40)
-    tools.tools |= {"raises": _raises, "sleeps": _sleeps}
+def test_a_failing_slow_or_unknown_tool_is_an_observation(monkeypatch):
+    monkeypatch.setitem(TOOLS._items, "raises", _raises)
+    monkeypatch.setitem(TOOLS._items, "sleeps", _sleeps)
+    tools = ToolSet(["calculator", "raises", "sleeps"], timeout_s=0.2, max_chars=40)
     assert tools.call("calculator", {"expression": "2+2"}).text == "4"
     assert tools.call("raises", {"text": "x"}) == tools.call("raises", {"text": "x"})
     assert tools.call("raises", {"text": "x"}).status == "error"

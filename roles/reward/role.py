@@ -61,19 +61,27 @@ class Reward:
         sandbox: SandboxConfig = field(default_factory=SandboxConfig)
         """Isolation and per-sample limits of the `code` scorer's sandbox (roles/reward/sandbox/__init__.py)."""
 
+        env_weight: float = 1.0
+        """Weight of a sample's environment reward (rollout.tools.env, roles/rollout/environments.py)
+        in its score: score = scorer + env_weight * env_reward; with an environment both parts
+        are logged (reward/scorer, reward/env). reward.scorer=none leaves the environment's alone."""
+
         nonfinite_score: float = 0.0
         """Score of a sample whose scorer returned NaN or +-inf (counted as reward/nonfinite):
         a broken scorer never puts a non-finite value into rewards and advantages."""
 
         def __post_init__(self) -> None:
             at_least(self, 0, "workers")
-            if not math.isfinite(self.nonfinite_score):
-                raise RangeError("nonfinite_score", "a finite number", self.nonfinite_score)
+            for name in ("nonfinite_score", "env_weight"):
+                if not math.isfinite(getattr(self, name)):
+                    raise RangeError(name, "a finite number", getattr(self, name))
             above(self, 0, "timeout_s", "wall_timeout_s")
 
-    def __init__(self, cfg: Config, *, device: torch.device | str = "cpu") -> None:
+    def __init__(self, cfg: Config, *, device: torch.device | str = "cpu", environment: bool = False) -> None:
+        """`environment`: the rollout has one (its rewards are then logged apart from the scorer's)."""
         self.cfg = cfg
         self.device = torch.device(device)
+        self.environment = environment
         names = {n for n in (cfg.scorer, *cfg.source_scorers.values()) if n is not None}
         for name in names:
             get_scorer(name)  # fail at start-up on a typo, not at step 1
@@ -98,7 +106,8 @@ class Reward:
         return None
 
     def score(self, batch: Batch) -> Result:
-        """scores [B] float32 for response_text against ground_truth."""
+        """scores [B] float32: the scorer's, for response_text against ground_truth, plus
+        env_weight x env_reward (where the batch has it)."""
         jobs = [(get_scorer(self.scorer_for(src)), text, truth)
                 for text, truth, src in zip(batch.response_text, batch.ground_truth, batch.data_source)]
         weak_before = weak_samples()
@@ -116,7 +125,14 @@ class Reward:
                   "reward/nonfinite": float(len(nonfinite))}
         if weak := weak + weak_samples() - weak_before:  # only where allow_weak let them run
             counts["reward/sandbox_weak"] = float(weak)
-        return Result(torch.tensor(values, dtype=torch.float32, device=self.device), counts=counts)
+        scores = torch.tensor(values, dtype=torch.float32, device=self.device)
+        metrics: dict[str, float] = {}
+        if "env_reward" in batch:
+            env = batch.env_reward.to(device=self.device, dtype=torch.float32)
+            if self.environment:
+                metrics = {"reward/scorer": float(scores.double().mean()), "reward/env": float(env.double().mean())}
+            scores = scores + self.cfg.env_weight * env
+        return Result(scores, metrics=metrics, counts=counts)
 
 
 def scorer_name(cfg: Reward.Config, data_source: str) -> str:

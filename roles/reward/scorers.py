@@ -14,6 +14,8 @@ Built-in scorers:
   (the whole response if it has none) is exactly the sum (``"13479"``).
 * ``math``: the last ``\\boxed{...}`` of the response compared with the ground truth by
   mathematical equivalence (``math_verify``). Never raises; any failure scores 0.0.
+* ``none``: 0.0 for every response, for rewards from an environment alone
+  (``rollout.tools.env``, ``reward.scorer=none``).
 
 Register a new scorer with the decorator; names are unique::
 
@@ -46,6 +48,12 @@ register_scorer = SCORERS.register
 get_scorer = SCORERS.get
 """The scorer registered under a name; an unknown name raises ValueError listing valid ones."""
 scorer_names = SCORERS.names
+
+
+@register_scorer("none")
+def no_scorer(response: str, ground_truth: Any) -> float:
+    """0: the sample's reward is its environment's alone."""
+    return 0.0
 
 
 # --------------------------------------------------------------------------- answer extraction

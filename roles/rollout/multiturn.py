@@ -28,17 +28,22 @@ Formats (`rollout.tools.format`):
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
+import logging
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
 from core.config import at_least
 from roles.reward.sandbox import SandboxConfig
 from roles.rollout.engine import Engine, Request, SamplingParams, batch_requests
-from roles.rollout.tools import Observation, ToolSet, parse_arguments
+from roles.rollout.environments import ENVIRONMENTS, Environment, checked_step
+from roles.rollout.tools import Observation, ToolSet, parse_arguments, run_limited
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -48,6 +53,15 @@ class ToolsConfig:
     empty: single-turn rollouts."""
     format: Literal["hermes", "plain"] = "hermes"
     """How calls and observations are written (module docstring)."""
+    env: str | None = None
+    """A stateful environment that answers every turn without a tool call (built in:
+    guess_number; or "package.module:Class"; roles/rollout/environments.py); its step rewards
+    are the samples' env_reward. None: a turn without a call ends the sample."""
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the environment's constructor."""
+    max_turns: int = 8
+    """Sampled turns per sample at most: the last one's calls go unanswered, the environment
+    still scores it (counted as tools/max_turns when a sample would have gone on)."""
     max_calls: int = 4
     """Tool calls per sample at most; a call past it ends the sample unanswered (counted)."""
     max_observation_tokens: int = 256
@@ -59,13 +73,18 @@ class ToolsConfig:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     """Limits of the python tool's sandbox."""
 
+    @property
+    def multi_turn(self) -> bool:
+        """Whether tools or an environment are configured (otherwise one response per sample)."""
+        return bool(self.names) or self.env is not None
+
     def __post_init__(self) -> None:
-        at_least(self, 1, "max_calls", "max_observation_tokens", "max_observation_chars")
+        at_least(self, 1, "max_turns", "max_calls", "max_observation_tokens", "max_observation_chars")
         at_least(self, 0.001, "timeout_s")
 
 
 def tool_stops(cfg: ToolsConfig) -> list[str]:
-    """The stop strings the configured format adds to `rollout.stop` (plain: `]`)."""
+    """The stop strings the configured format adds to `rollout.stop` (plain with tools: `]`)."""
     return [PlainFormat.stop] if cfg.names and cfg.format == "plain" else []
 
 
@@ -93,10 +112,11 @@ class PlainFormat:
             if len(self.tool_names) != 1:
                 return [Observation(f"error: name the tool: [tool:argument], tools {self.tool_names}", "malformed")]
             name, arg = self.tool_names[0], body
-        params = [p for p in tools.parameters(name) if p != "sandbox"]
+        params = tools.parameters(name)
         return [(name, {params[0]: arg})] if params else [(name, {})]
 
-    def render(self, observations: list[Observation]) -> str:
+    def render(self, observations: list[Observation], role: str = "tool") -> str:
+        """Tool results and an environment's answer alike: `{text}`."""
         return "".join("{" + o.text + "}" for o in observations)
 
 
@@ -126,9 +146,10 @@ class HermesFormat:
             out.append(Observation("error: <tool_call> without </tool_call>", "malformed"))
         return out
 
-    def render(self, observations: list[Observation]) -> str:
+    def render(self, observations: list[Observation], role: str = "tool") -> str:
+        """Tool results as tool messages; an environment's answer (role user) as a user message."""
         messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": self.MARK}]
-        messages += [{"role": "tool", "content": o.text} for o in observations]
+        messages += [{"role": role, "content": o.text} for o in observations]
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         delta = text[text.index(self.MARK) + len(self.MARK):]
         # the sampled turn already ended with the end-of-turn token; what follows it (the
@@ -142,13 +163,33 @@ class HermesFormat:
 @dataclass
 class _Sample:
     request: Request
+    env: Environment | None = None
+    """The sample's own episode (None: no environment, or its reset failed)."""
     tokens: list[int] = field(default_factory=list)
     logp: list[float] = field(default_factory=list)
     observed: list[int] = field(default_factory=list)
     """1 where the token is an observation's."""
-    turn_start: int = 0
+    turns: int = 0
     calls: int = 0
+    env_steps: int = 0
+    env_reward: float = 0.0
     finish: str = "stop"
+
+    def add(self, tokens: Sequence[int], logp: Sequence[float] | None = None) -> None:
+        """Sampled tokens with their log-probs, or (logp None) an observation's tokens."""
+        self.tokens += tokens
+        self.logp += [0.0] * len(tokens) if logp is None else logp
+        self.observed += [int(logp is None)] * len(tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class _EnvStep:
+    """What the environment answered to a turn: ok, error (raised, or returned something
+    else than (str, number, bool)) or timeout; only an ok step goes on."""
+    observation: str
+    reward: float
+    done: bool
+    status: str = "ok"
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,11 +198,12 @@ class MultiTurnOutput:
     response_mask: torch.Tensor     # [N, R] 1 on sampled tokens
     observation_mask: torch.Tensor  # [N, R] 1 on observation tokens
     logp: torch.Tensor              # [N, R] float32, 0 off sampled tokens
+    env_reward: torch.Tensor        # [N] float32, the sum of the environment's step rewards
     finish_reason: list[str]
     metrics: dict[str, float]
-    """Rates (averaged over ranks): tools/calls_per_sample, tools/error_rate, ..."""
+    """Rates (averaged over ranks): tools/calls_per_sample, tools/error_rate, env/reward, ..."""
     counts: dict[str, float]
-    """Events (summed over ranks): tools/calls, tools/timeout, tools/malformed, ..."""
+    """Events (summed over ranks): tools/calls, tools/timeout, tools/malformed, env/error, ..."""
 
 
 class MultiTurn:
@@ -174,75 +216,129 @@ class MultiTurn:
                              sandbox=cfg.sandbox)
         self.format: PlainFormat | HermesFormat = (PlainFormat(list(self.tools.tools)) if cfg.format == "plain"
                                                    else HermesFormat(tokenizer))
+        self.env_factory = ENVIRONMENTS.get(cfg.env) if cfg.env is not None else None
 
     def generate(self, engine: Engine, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                 sampling: SamplingParams, pad_token_id: int) -> MultiTurnOutput:
+                 sampling: SamplingParams, pad_token_id: int, *,
+                 rows: Sequence[dict[str, Any]] | None = None) -> MultiTurnOutput:
+        """`rows` (one per prompt: prompt, ground_truth, data_source) start the environments'
+        episodes; required with an environment."""
+        counts = dict.fromkeys(("calls", "error", "malformed", "unknown", "timeout", "over_limit", "max_turns",
+                                "env_error", "env_timeout"), 0)
         samples = [_Sample(r) for r in batch_requests(prompt_ids, prompt_mask, sampling)]
+        if self.env_factory is not None:
+            if rows is None or len(rows) * sampling.n != len(samples):
+                raise ValueError("an environment needs one row per prompt to reset its episodes")
+            for i, s in enumerate(samples):
+                s.env = self._reset(rows[i // sampling.n], counts)
         budget = sampling.max_new_tokens
         active = list(range(len(samples)))
-        counts = {"calls": 0, "error": 0, "malformed": 0, "unknown": 0, "timeout": 0, "over_limit": 0}
-        turns = 0
+        rounds = 0
         while active:
-            turns += 1
+            rounds += 1
             requests = [Request(s.request.prompt, s.request.sampling, prefix=tuple(s.tokens))
                         for s in (samples[i] for i in active)]
-            completions = engine.generate_requests(requests)
-            pending: list[tuple[int, list[Call | Observation]]] = []
-            for i, c in zip(active, completions):
+            pending: list[tuple[int, list[Call | Observation] | str]] = []
+            for i, c in zip(active, engine.generate_requests(requests)):
                 s = samples[i]
-                s.turn_start = len(s.tokens)
-                s.tokens += c.tokens
-                s.logp += c.logp
-                s.observed += [0] * len(c.tokens)
+                s.add(c.tokens, c.logp)
+                s.turns += 1
                 if c.finish_reason == "length" or len(s.tokens) >= budget:
                     s.finish = "length"
-                    continue
-                turn = self.tokenizer.decode(s.tokens[s.turn_start:], skip_special_tokens=False)
-                calls = self.format.calls(turn, self.tools)
-                if not calls:
-                    continue
-                if s.calls + len(calls) > self.cfg.max_calls:
-                    counts["over_limit"] += 1
-                    continue
-                s.calls += len(calls)
-                pending.append((i, calls))
-            active = []
-            answered = self._run_calls([c for _, calls in pending for c in calls])
-            for i, calls in pending:
-                observations, answered = answered[:len(calls)], answered[len(calls):]
-                counts["calls"] += len(observations)
-                for o in observations:
-                    if o.status != "ok":
-                        counts[o.status] += 1
-                ids = self.tokenizer.encode(self.format.render(observations), add_special_tokens=False)
-                ids = ids[:self.cfg.max_observation_tokens]
-                s = samples[i]
-                room = budget - len(s.tokens) - 1  # at least one sampled token must follow
-                if room < len(ids):
-                    s.tokens += ids[:max(room, 0)]
-                    s.logp += [0.0] * max(room, 0)
-                    s.observed += [1] * max(room, 0)
-                    s.finish = "length"
-                    continue
-                s.tokens += ids
-                s.logp += [0.0] * len(ids)
-                s.observed += [1] * len(ids)
-                active.append(i)
-        return self._tensors(samples, pad_token_id, counts, turns, device=prompt_ids.device)
+                elif (answer := self._answer(s, c.tokens, counts)) is not None:
+                    pending.append((i, answer))
+            answers = self._run([a for _, a in pending], samples=[samples[i] for i, _ in pending])
+            active = [i for (i, _), out in zip(pending, answers) if self._observe(samples[i], out, budget, counts)]
+        return self._tensors(samples, pad_token_id, counts, rounds, env=self.env_factory is not None,
+                             device=prompt_ids.device)
 
-    def _run_calls(self, calls: list[Call | Observation]) -> list[Observation]:
-        """Every call of a turn, concurrently (a sandboxed program waits on its process, not on
-        the interpreter), in order; an Observation (a malformed call) passes through."""
-        todo = [c for c in calls if not isinstance(c, Observation)]
-        if not todo:
-            return [c for c in calls if isinstance(c, Observation)]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(32, len(todo))) as pool:
-            done = iter(list(pool.map(lambda c: self.tools.call(*c), todo)))
-        return [c if isinstance(c, Observation) else next(done) for c in calls]
+    def _reset(self, row: dict[str, Any], counts: dict[str, int]) -> Environment | None:
+        try:
+            env = self.env_factory(**self.cfg.env_kwargs)  # type: ignore[misc]
+            env.reset(dict(row))
+            return env
+        except Exception:  # a broken environment never stops training: this sample has none
+            logger.exception("environment %s failed to start an episode; the sample runs without it", self.cfg.env)
+            counts["env_error"] += 1
+            return None
+
+    def _answer(self, s: _Sample, turn_ids: Sequence[int], counts: dict[str, int]
+                ) -> list[Call | Observation] | str | None:
+        """What answers the turn just sampled: its tool calls, or (the turn's text) the
+        environment, which also scores the last turn; None: the sample ends."""
+        turn = self.tokenizer.decode(list(turn_ids), skip_special_tokens=False)
+        calls = self.format.calls(turn, self.tools) if self.tools.tools else []
+        if calls:
+            if s.turns >= self.cfg.max_turns:
+                counts["max_turns"] += 1
+                return None
+            if s.calls + len(calls) > self.cfg.max_calls:
+                counts["over_limit"] += 1
+                return None
+            s.calls += len(calls)
+            return calls
+        return turn if s.env is not None else None
+
+    def _run(self, answers: list[list[Call | Observation] | str], *, samples: list[_Sample]
+             ) -> list[list[Observation] | _EnvStep]:
+        """Every tool call and environment step of a round, concurrently (a sandboxed program
+        waits on its process, not on the interpreter), in order."""
+        jobs: list[Callable[[], Observation | _EnvStep]] = []
+        for answer, s in zip(answers, samples):
+            if isinstance(answer, str):
+                jobs.append(functools.partial(self._step, s, answer))
+            else:
+                jobs += [functools.partial(self.tools.call, *c) for c in answer if not isinstance(c, Observation)]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(32, len(jobs)))) as pool:
+            done = iter(list(pool.map(lambda job: job(), jobs)))
+        return [next(done) if isinstance(answer, str)
+                else [c if isinstance(c, Observation) else next(done) for c in answer]
+                for answer in answers]
+
+    def _step(self, s: _Sample, action: str) -> _EnvStep:
+        env = s.env
+        assert env is not None  # only a sample with an episode has its turns answered by it
+        finished, out = run_limited(lambda: checked_step(env, action), self.cfg.timeout_s, name="env-step")
+        if not finished:
+            return _EnvStep("", 0.0, True, "timeout")
+        if isinstance(out, Exception):
+            logger.warning("environment %s step raised %s: %s; the episode ends", self.cfg.env,
+                           type(out).__name__, out)
+            return _EnvStep("", 0.0, True, "error")
+        observation, reward, done = out
+        return _EnvStep(self.tools.cut(observation), reward, done)
+
+    def _observe(self, s: _Sample, answer: list[Observation] | _EnvStep, budget: int,
+                 counts: dict[str, int]) -> bool:
+        """Append the answer's observation tokens to the sample; whether it goes on."""
+        if isinstance(answer, _EnvStep):
+            s.env_steps += 1
+            s.env_reward += answer.reward
+            if answer.status != "ok":
+                counts[f"env_{answer.status}"] += 1
+            if answer.done:
+                return False
+            if s.turns >= self.cfg.max_turns:  # its last turn was scored; no more are sampled
+                counts["max_turns"] += 1
+                return False
+            text = self.format.render([Observation(answer.observation)], role="user")
+        else:
+            counts["calls"] += len(answer)
+            for o in answer:
+                if o.status != "ok":
+                    counts[o.status] += 1
+            text = self.format.render(answer)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)[:self.cfg.max_observation_tokens]
+        room = max(budget - len(s.tokens) - 1, 0)  # at least one sampled token must follow
+        s.add(ids[:room])
+        if room < len(ids):
+            s.finish = "length"
+            return False
+        return True
 
     @staticmethod
-    def _tensors(samples: list[_Sample], pad_token_id: int, counts: dict[str, int], turns: int, *,
-                 device: torch.device) -> MultiTurnOutput:
+    def _tensors(samples: list[_Sample], pad_token_id: int, counts: dict[str, int], rounds: int, *,
+                 env: bool, device: torch.device) -> MultiTurnOutput:
         N = len(samples)
         R = max((len(s.tokens) for s in samples), default=0) or 1
         ids = torch.full((N, R), pad_token_id, dtype=torch.long)
@@ -255,12 +351,17 @@ class MultiTurn:
             obs = torch.tensor(s.observed, dtype=torch.long)
             observed[i, :n], sampled[i, :n] = obs, 1 - obs
             logp[i, :n] = torch.tensor(s.logp, dtype=torch.float32)
+        env_reward = torch.tensor([s.env_reward for s in samples], dtype=torch.float32)
         calls = counts["calls"]
         failed = counts["error"] + counts["malformed"] + counts["unknown"] + counts["timeout"]
         metrics = {"tools/calls_per_sample": calls / max(N, 1),
                    "tools/error_rate": failed / calls if calls else 0.0,
-                   "tools/turns": float(turns),
+                   "tools/turns": float(rounds),
                    "tools/observation_tokens_per_sample": float(observed.sum()) / max(N, 1)}
+        events = {f"tools/{k}": float(v) for k, v in counts.items() if not k.startswith("env_")}
+        if env:
+            metrics |= {"env/reward": float(env_reward.double().mean()) if N else 0.0,
+                        "env/steps_per_sample": sum(s.env_steps for s in samples) / max(N, 1)}
+            events |= {"env/error": float(counts["env_error"]), "env/timeout": float(counts["env_timeout"])}
         return MultiTurnOutput(ids.to(device), sampled.to(device), observed.to(device), logp.to(device),
-                               [s.finish for s in samples], metrics,
-                               {f"tools/{k}": float(v) for k, v in counts.items()})
+                               env_reward.to(device), [s.finish for s in samples], metrics, events)

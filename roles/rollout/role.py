@@ -64,10 +64,10 @@ class Rollout:
         self.engine = engine
         self.tokenizer = tokenizer
         self.stop_token_ids = stop_ids(tokenizer, cfg.stop + tool_stops(cfg.tools))
-        self.multiturn = MultiTurn(cfg.tools, tokenizer) if cfg.tools.names else None
-        """Tool calls between turns (None: one response per sample)."""
+        self.multiturn = MultiTurn(cfg.tools, tokenizer) if cfg.tools.multi_turn else None
+        """Tool calls and environment steps between turns (None: one response per sample)."""
         if self.multiturn is not None and buffer is not None:
-            raise ValueError("multi-turn tool rollouts (rollout.tools.names) run synchronously: set "
+            raise ValueError("multi-turn rollouts (rollout.tools.names, rollout.tools.env) run synchronously: set "
                              "algorithm.off_policy.max_staleness=0")
         if self.multiturn is not None and type(engine).generate_requests is Engine.generate_requests:
             raise ValueError(f"multi-turn tool rollouts continue requests turn by turn: the engine "
@@ -125,12 +125,15 @@ class Rollout:
                 return Result(self._responses(rows, gen, [self.max_new_tokens] * len(completions)),
                               metrics=metrics | self._stats(), counts=counts)
         if self.multiturn is not None:
+            episodes = ([{"prompt": p, "ground_truth": g, "data_source": d} for p, g, d in
+                         zip(batch.prompt_text, batch.ground_truth, batch.data_source)]
+                        if self.multiturn.env_factory is not None else None)
             turns = self.multiturn.generate(self.engine, batch.prompt_ids, batch.prompt_mask, sampling,
-                                            self.tokenizer.pad_token_id)
+                                            self.tokenizer.pad_token_id, rows=episodes)
             rows = batch.repeat_interleave(sampling.n)
             gen = Generation(turns.response_ids, turns.response_mask, turns.logp, turns.finish_reason)
             return Result(self._responses(rows, gen, [sampling.max_new_tokens] * len(rows),
-                                          observation_mask=turns.observation_mask),
+                                          observation_mask=turns.observation_mask, env_reward=turns.env_reward),
                           metrics=turns.metrics | self._stats(), counts=turns.counts)
         # the batch call: an engine that implements only generate() (not generate_requests) works
         gen = self.engine.generate(batch.prompt_ids, batch.prompt_mask, sampling)
@@ -138,9 +141,9 @@ class Rollout:
         return Result(self._responses(rows, gen, [sampling.max_new_tokens] * len(rows)), metrics=self._stats())
 
     def _responses(self, rows: Batch, out: Generation, budgets: list[int], *,
-                   observation_mask: torch.Tensor | None = None) -> Batch:
+                   observation_mask: torch.Tensor | None = None, env_reward: torch.Tensor | None = None) -> Batch:
         """The generated fields; `response_text` is the whole response (observations included:
-        the transcript a scorer reads)."""
+        the transcript a scorer reads); `env_reward` 0 without an environment."""
         device = rows.prompt_ids.device
         out = Generation(out.response_ids.to(device), out.response_mask.to(device), out.logp.to(device),
                          out.finish_reason)
@@ -151,6 +154,8 @@ class Rollout:
                  for ids, m in zip(out.response_ids.cpu(), real)]
         return rows.with_fields(response_ids=out.response_ids, response_mask=out.response_mask,
                                 observation_mask=observed, rollout_logp=out.logp, response_text=texts,
+                                env_reward=(torch.zeros(len(rows), dtype=torch.float32) if env_reward is None
+                                            else env_reward).to(device),
                                 finish_reason=out.finish_reason,
                                 response_budget=torch.tensor(budgets, dtype=torch.long, device=rows.prompt_ids.device))
 

@@ -83,34 +83,23 @@ class ToolSet:
         self.timeout_s, self.max_chars = timeout_s, max_chars
         self.sandbox = sandbox or SandboxConfig()
         self.schemas = [schema(fn) for fn in self.tools.values()]
+        self._parameters = {name: list(inspect.signature(fn).parameters) for name, fn in self.tools.items()}
 
     def parameters(self, name: str) -> list[str]:
-        """The parameter names of tool `name`, in order (the sandbox's included)."""
-        return list(inspect.signature(self.tools[name]).parameters)
+        """The parameter names of tool `name`, in order, without the sandbox's."""
+        return [p for p in self._parameters[name] if p != "sandbox"]
 
     def call(self, name: str, arguments: dict[str, Any]) -> Observation:
         fn = self.tools.get(name)
         if fn is None:
             return Observation(f"error: unknown tool {name!r}; tools: {', '.join(self.tools)}", "unknown")
-        if "sandbox" in inspect.signature(fn).parameters:
+        if "sandbox" in self._parameters[name]:
             arguments = {**arguments, "sandbox": self.sandbox}
-        box: dict[str, Any] = {}
-
-        def run() -> None:
-            try:
-                box["out"] = fn(**arguments)
-            except Exception as e:  # a failing tool never stops training: the model sees the error
-                box["error"] = e
-        # a daemon thread: one that never returns cannot hold up the process's exit
-        worker = threading.Thread(target=run, name=f"tool-{name}", daemon=True)
-        worker.start()
-        worker.join(self.timeout_s)
-        if worker.is_alive():
+        done, out = run_limited(lambda: fn(**arguments), self.timeout_s, name=f"tool-{name}")
+        if not done:
             return Observation(f"error: {name} timed out after {self.timeout_s:g} s", "timeout")
-        if "error" in box:
-            e = box["error"]
-            return Observation(self.cut(f"error: {type(e).__name__}: {e}"), "error")
-        out = box["out"]
+        if isinstance(out, Exception):  # a failing tool never stops training: the model sees the error
+            return Observation(self.cut(f"error: {type(out).__name__}: {out}"), "error")
         if not isinstance(out, str):
             return Observation(f"error: {name} returned {type(out).__name__}, not a string", "error")
         return Observation(self.cut(out))
@@ -118,6 +107,23 @@ class ToolSet:
     def cut(self, text: str) -> str:
         return text if len(text) <= self.max_chars else text[:self.max_chars] + "...(truncated)"
 
+
+def run_limited(fn: Callable[[], Any], timeout_s: float, *, name: str) -> tuple[bool, Any]:
+    """(True, fn()'s value or the Exception it raised), or (False, None) past `timeout_s`.
+
+    fn runs on its own daemon thread: one that never returns cannot hold up the process's exit
+    (a Python thread cannot be killed, so it keeps running until then)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["out"] = fn()
+        except Exception as e:
+            box["out"] = e
+    worker = threading.Thread(target=run, name=name, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return ("out" in box, box.get("out"))
 
 
 # --------------------------------------------------------------------------- built-in tools
