@@ -10,7 +10,7 @@ token-mean), so shares add up to the exact global value however the step is spli
 averages gradients over ranks, so each share is multiplied by the world size before backward;
 the sum over ranks is then the true gradient. Metrics returned alongside are shares too.
 
-Micro-batches (core/packing.py, core/batch.py's plan): `micro_batch_size` samples each, or with
+Micro-batches (core/packing.py, core/microbatch.py's plan): `micro_batch_size` samples each, or with
 `max_tokens_per_micro_batch` as many as fit a token budget, balanced across ranks; every rank
 runs the same number (an FSDP2 forward is a collective), a rank with fewer samples running idle
 micro-batches that contribute nothing. With `packing`, each micro-batch runs on packed rows
@@ -33,9 +33,10 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from core import dist
-from core.batch import Batch, GlobalCounts, SampleSizes, sample_sizes, step_counts
+from core.batch import Batch, GlobalCounts
 from core.checkpoint import ShardedState
 from core.config import RangeError, above, at_least, between
+from core.microbatch import SampleSizes, sample_sizes, step_counts
 from core.models import enable_activation_checkpointing, varlen_attention
 from core.packing import MicroBatch, PackedSamples, micro_batches
 
@@ -62,7 +63,7 @@ class OptimConfig:
     """Samples per forward/backward on each rank (unless max_tokens_per_micro_batch is set)."""
     max_tokens_per_micro_batch: int | None = None
     """Token budget of one forward/backward (prompt + response tokens; padded: the padded
-    rectangle): micro-batches are filled up to it and balanced across ranks (core/batch.py's
+    rectangle): micro-batches are filled up to it and balanced across ranks (core/microbatch.py's
     plan_micro_batches); a sample over it goes alone. None: micro_batch_size samples each."""
     packing: bool = True
     """Run each micro-batch on packed rows (real tokens only, position ids restarting per sample)

@@ -34,7 +34,8 @@ from typing import Callable, Protocol, Sequence
 import torch
 
 from core import dist
-from core.batch import Batch, GlobalCounts, SampleSizes, declare_field, loss_mask, plan_micro_batches, sample_sizes
+from core.batch import Batch, GlobalCounts, declare_field, loss_mask
+from core.microbatch import SampleSizes, plan_micro_batches, sample_sizes
 from core.models import packed_logprobs, packed_token_logprobs, token_logprobs
 
 logger = logging.getLogger(__name__)

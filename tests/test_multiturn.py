@@ -12,7 +12,8 @@ import time
 import pytest
 import torch
 
-from core.batch import Batch, model_inputs, sample_sizes
+from core.batch import Batch, model_inputs
+from core.microbatch import sample_sizes
 from core.models import build_model, token_logprobs
 from core.packing import pack_samples, response_logprobs
 from launch.tasks import char_tokenizer

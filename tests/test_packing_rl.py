@@ -21,15 +21,9 @@ import pytest
 import torch
 
 from algorithms.base import ALGORITHMS
-from core.batch import (
-    Batch,
-    SampleSizes,
-    global_counts,
-    micro_batch_cost,
-    plan_micro_batches,
-    step_counts,
-)
-from core.batch import sample_sizes as sizes_of
+from core.batch import Batch, global_counts
+from core.microbatch import SampleSizes, micro_batch_cost, plan_micro_batches, step_counts
+from core.microbatch import sample_sizes as sizes_of
 from core.models import build_model, token_logprobs
 from core.packing import check_packable, lay_out, pack_samples, response_logprobs
 from tests.dist_utils import run_distributed
