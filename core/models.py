@@ -6,6 +6,7 @@ random weights, which is what tests use.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from core.batch import Batch, model_inputs
 
@@ -173,19 +175,27 @@ LOGIT_CHUNK_TOKENS = 1024
 
 
 def token_logprobs(model: torch.nn.Module, batch: Batch, *, temperature: float = 1.0,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   with_entropy: bool = False, share_prompts: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens under `model` with logits / temperature.
 
     Returns (logp_BR, entropy_BR or None), float32, aligned with batch.response_ids; 0 at
     masked positions. The float32 log-softmax and entropy are computed LOGIT_CHUNK_TOKENS
     tokens at a time under activation checkpointing, so a full [B, R, vocab] float32 tensor
     never exists, in the forward or the backward pass.
+
+    share_prompts: samples with the same prompt (a GRPO group) run it once (`shared_prompt_logits`):
+    the same numbers up to float rounding, gradients included.
     """
     ids, mask, pos = model_inputs(batch)
     B, R = batch.response_ids.shape
-    # Only the R positions that predict response tokens go through the LM head.
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                   logits_to_keep=R + 1).logits[:, :-1]
+    groups = prompt_groups(batch) if share_prompts else None
+    if groups is not None:
+        logits = shared_prompt_logits(model, ids, mask, pos, groups, prompt_width=batch.prompt_ids.shape[1])
+    else:
+        # Only the R positions that predict response tokens go through the LM head.
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                       logits_to_keep=R + 1).logits[:, :-1]
     out_N2 = chunked_logp_entropy(logits.reshape(B * R, -1), batch.response_ids.reshape(-1),
                                   temperature=temperature, with_entropy=with_entropy)
     keep = batch.response_mask.bool()
@@ -193,6 +203,84 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, *, temperature: float =
     logp_BR = torch.where(keep, out_N2[:, 0].reshape(B, R), zero)
     entropy_BR = torch.where(keep, out_N2[:, 1].reshape(B, R), zero) if with_entropy else None
     return logp_BR, entropy_BR
+
+
+@dataclass(frozen=True, slots=True)
+class PromptGroups:
+    """Rows of a padded batch with identical prompts (ids and mask): `first` [G] holds one row
+    of each distinct prompt, `inverse` [B] the group of every row."""
+    first: torch.Tensor
+    inverse: torch.Tensor
+
+
+def prompt_groups(batch: Batch) -> PromptGroups | None:
+    """The batch's distinct prompts, or None when no two rows share one (nothing to save)."""
+    key = torch.cat([batch.prompt_ids, batch.prompt_mask.to(batch.prompt_ids.dtype)], dim=1)
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    G = int(inverse.max()) + 1 if len(inverse) else 0
+    if G == len(inverse):
+        return None
+    rows = torch.arange(len(inverse), device=inverse.device)
+    first = torch.full((G,), len(inverse), dtype=torch.long, device=inverse.device).scatter_reduce(
+        0, inverse, rows, reduce="amin")
+    return PromptGroups(first=first, inverse=inverse)
+
+
+def shared_prompt_tokens(G: int, B: int, P: int, R: int) -> int:
+    """Token slots of `shared_prompt_logits` on a [B, P + R] padded batch with G distinct prompts."""
+    return G * P + B * max(R - 1, 0)
+
+
+def _hf_model(model: torch.nn.Module) -> PreTrainedModel:
+    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    if hf is None:
+        raise ValueError(f"{type(model).__name__} holds no Hugging Face model")
+    return hf
+
+
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """The forward's KV-cache argument: transformers 5.2x renamed `past_key_values` to `cache`
+    (the old name warns); 5.17 knows only the old one."""
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def full_attention_only(model: torch.nn.Module) -> bool:
+    """Whether every layer keeps a plain full-attention KV cache (what `shared_prompt_logits`
+    indexes); sliding-window, linear-attention and hybrid layers do not."""
+    config = _hf_model(model).config
+    types = getattr(config, "layer_types", None) or ["full_attention"]
+    return all(t == "full_attention" for t in types)
+
+
+def shared_prompt_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
+                         groups: PromptGroups, *, prompt_width: int) -> torch.Tensor:
+    """[B, R, V] logits predicting the R response tokens of model_inputs' (ids, mask, pos), with
+    each distinct prompt computed once: its forward fills a KV cache of G rows, which is indexed
+    out to the B rows (the backward pass sums the B rows' gradients into the G prompts, what the
+    full forward computes row by row), and the responses run on it. The first response token is
+    predicted by the prompt's last position; the last response token predicts nothing, so it is
+    not an input. Needs a full-attention KV cache (transformers' DynamicCache) and no activation
+    checkpointing (which drops the cache in training mode)."""
+    P = prompt_width
+    R = ids.shape[1] - P
+    hf = _hf_model(model)
+    cache = DynamicCache(config=hf.config)
+    kw = {cache_kwarg(hf): cache}
+    g = groups.first
+    first = model(input_ids=ids[g, :P], attention_mask=mask[g, :P], position_ids=pos[g, :P], use_cache=True,
+                  logits_to_keep=1, **kw).logits[groups.inverse]
+    if R == 1:
+        return first
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer or layer.keys is None or layer.values is None:
+            raise NotImplementedError(f"shared prompts need full-attention KV cache layers, not "
+                                      f"{type(layer).__name__}: set share_prompts=false")
+        # index_select: its backward (index_add) is far cheaper on the CPU than indexing's (index_put)
+        layer.keys = layer.keys.index_select(0, groups.inverse)
+        layer.values = layer.values.index_select(0, groups.inverse)
+    rest = model(input_ids=ids[:, P:-1], attention_mask=mask[:, :-1], position_ids=pos[:, P:-1], use_cache=True,
+                 **kw).logits
+    return torch.cat([first, rest], dim=1)
 
 
 def packed_logprobs(model: torch.nn.Module, ids_BL: torch.Tensor, pos_BL: torch.Tensor
@@ -239,8 +327,8 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
     """Recompute every decoder layer's activations in the backward pass instead of keeping them
     (transformers' gradient checkpointing, non-reentrant; FSDP2's hooks stay outside the
     recomputed region). Applies to the outermost Hugging Face model inside `model`."""
-    hf = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
-    if hf is None or not hf.supports_gradient_checkpointing:
+    hf = _hf_model(model)
+    if not hf.supports_gradient_checkpointing:
         raise ValueError(f"{type(model).__name__} does not support activation checkpointing")
     kwargs = {"use_reentrant": False}
     if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there

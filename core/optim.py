@@ -37,7 +37,7 @@ from core.batch import Batch, GlobalCounts
 from core.checkpoint import ShardedState
 from core.config import RangeError, above, at_least, between
 from core.microbatch import SampleSizes, sample_sizes, step_counts
-from core.models import enable_activation_checkpointing, varlen_attention
+from core.models import enable_activation_checkpointing, full_attention_only, varlen_attention
 from core.packing import MicroBatch, PackedSamples, micro_batches
 
 logger = logging.getLogger(__name__)
@@ -105,13 +105,18 @@ class NonFiniteError(RuntimeError):
 
 
 class TrainState:
-    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, *, total_steps: int) -> None:
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, *, total_steps: int,
+                 share_prompts: bool = False) -> None:
         self.model = model
         self.cfg = cfg
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
         self.one_row = varlen_attention(model)
         """Pack each micro-batch into one row (a variable-length attention kernel)."""
+        self.share_prompts = share_prompts and not cfg.activation_checkpointing and full_attention_only(model)
+        """The micro-batch loss runs each distinct prompt once where that is cheaper than packing
+        (core.packing.micro_batches); not under activation checkpointing, which drops the KV cache
+        that layout runs on, nor for models with other than full-attention layers."""
         # Only trainable parameters get optimizer state (frozen LoRA base weights do not).
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
@@ -169,7 +174,8 @@ class TrainState:
               ) -> tuple[list[MicroBatch], GlobalCounts]:
         """One optimizer step's micro-batches and counts, from every rank's sizes (no collective)."""
         mine = sizes_by_rank[dist.info().rank]
-        return (micro_batches(mini, self.cfg, one_row=self.one_row, sizes=mine, sizes_by_rank=sizes_by_rank),
+        return (micro_batches(mini, self.cfg, one_row=self.one_row, share_prompts=self.share_prompts, sizes=mine,
+                              sizes_by_rank=sizes_by_rank),
                 step_counts(sizes_by_rank))
 
     def _accumulate(self, mbs: list[MicroBatch], counts: GlobalCounts, micro_loss: MicroLoss

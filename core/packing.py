@@ -36,7 +36,7 @@ import torch
 from core import dist
 from core.batch import Batch, GlobalCounts, declare_field, loss_mask
 from core.microbatch import SampleSizes, plan_micro_batches, sample_sizes
-from core.models import packed_logprobs, packed_token_logprobs, token_logprobs
+from core.models import packed_logprobs, packed_token_logprobs, prompt_groups, shared_prompt_tokens, token_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -259,12 +259,14 @@ def pack_samples(mb: Batch, sizes: SampleSizes, *, one_row: bool, pad_id: int = 
 
 
 def response_logprobs(model: torch.nn.Module, mb: Batch, packed: PackedSamples | None, *,
-                      temperature: float = 1.0, with_entropy: bool = False
+                      temperature: float = 1.0, with_entropy: bool = False, share_prompts: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`core.models.token_logprobs` of `mb`, computed on its packed rows when `packed` is given:
-    (logp_BR, entropy_BR or None), float32, 0 at padding."""
+    """`core.models.token_logprobs` of `mb`, computed on its packed rows when `packed` is given
+    (else padded, each distinct prompt once with share_prompts): (logp_BR, entropy_BR or None),
+    float32, 0 at padding."""
     if packed is None:
-        return token_logprobs(model, mb, temperature=temperature, with_entropy=with_entropy)
+        return token_logprobs(model, mb, temperature=temperature, with_entropy=with_entropy,
+                              share_prompts=share_prompts)
     out_N2 = packed_token_logprobs(model, packed.ids_BL, packed.pos_BL, keep_K=packed.keep_K, pick_N=packed.pick_N,
                                    targets_N=packed.targets_N, temperature=temperature, with_entropy=with_entropy)
     logp_BR = sampled_only(mb, packed.to_samples(out_N2[:, 0]))
@@ -302,11 +304,16 @@ class MicroBatch:
     empty loss mask; its loss is multiplied by 0 and its outputs and metrics are dropped."""
 
 
-def micro_batches(batch: Batch, spec: MicroBatching, *, one_row: bool = False,
+def micro_batches(batch: Batch, spec: MicroBatching, *, one_row: bool = False, share_prompts: bool = False,
                   sizes: SampleSizes | None = None, sizes_by_rank: Sequence[SampleSizes] | None = None
                   ) -> list[MicroBatch]:
     """`batch` cut into the micro-batches of `plan_micro_batches`, built ahead of the loop.
-    Every rank's sizes are gathered (a collective) unless given."""
+    Every rank's sizes are gathered (a collective) unless given.
+
+    share_prompts (a role whose forward runs each distinct prompt once, core.models.
+    shared_prompt_logits): a micro-batch stays padded (packed None) where that layout runs fewer
+    tokens than packing, i.e. where the samples share prompts and their responses are of similar
+    length (the quickstart: 1.6k against 3.6k tokens per micro-batch)."""
     sizes = sizes if sizes is not None else sample_sizes(batch)
     everyone = sizes_by_rank if sizes_by_rank is not None else dist.all_gather_objects(sizes)
     rl = "prompt_mask" in batch and "response_mask" in batch
@@ -322,11 +329,12 @@ def micro_batches(batch: Batch, spec: MicroBatching, *, one_row: bool = False,
     plan = plan_micro_batches(everyone, dist.info().rank if len(everyone) > 1 else 0,
                               micro_batch_size=spec.micro_batch_size,
                               max_tokens=spec.max_tokens_per_micro_batch, packed=packing)
-    return [_cut(batch, sizes, rows or [0], packing=packing, one_row=one_row, idle=not rows) for rows in plan]
+    return [_cut(batch, sizes, rows or [0], packing=packing, one_row=one_row, share_prompts=share_prompts,
+                 idle=not rows) for rows in plan]
 
 
 def _cut(batch: Batch, sizes: SampleSizes, rows: list[int], *, packing: bool, one_row: bool,
-         idle: bool) -> MicroBatch:
+         share_prompts: bool, idle: bool) -> MicroBatch:
     mine = sizes.select(rows)
     rl = "prompt_mask" in batch and "response_mask" in batch
     mb = (batch.cut(rows, prompt_width=max(mine.prompt_span), response_width=max(mine.response_span)) if rl
@@ -334,8 +342,19 @@ def _cut(batch: Batch, sizes: SampleSizes, rows: list[int], *, packing: bool, on
     if idle:
         mb = mb.with_fields(loss_mask=torch.zeros_like(loss_mask(mb)))
     device = next(v.device for _, v in mb.items() if isinstance(v, torch.Tensor))
+    if packing and share_prompts and rl and _shared_is_smaller(mb, mine):
+        packing = False
     return MicroBatch(batch=mb, packed=pack_samples(mb, mine, one_row=one_row) if packing else None,
                       index=torch.tensor(rows, dtype=torch.long, device=device), idle=idle)
+
+
+def _shared_is_smaller(mb: Batch, sizes: SampleSizes) -> bool:
+    """Whether the padded layout with shared prompts runs fewer token slots than packing."""
+    groups = prompt_groups(mb)
+    if groups is None:
+        return False
+    (B, P), R = mb.prompt_ids.shape, mb.response_ids.shape[1]
+    return shared_prompt_tokens(len(groups.first), B, P, R) < sum(sizes.tokens(i) for i in range(B))
 
 
 def check_packable(sizes: SampleSizes) -> None:
@@ -351,13 +370,13 @@ def check_packable(sizes: SampleSizes) -> None:
 
 
 def map_micro_batches(batch: Batch, spec: MicroBatching, fn: Callable[[Batch, PackedSamples | None], torch.Tensor],
-                      *, one_row: bool = False) -> torch.Tensor:
+                      *, one_row: bool = False, share_prompts: bool = False) -> torch.Tensor:
     """[B, R]: `fn` (a no-grad [b, r] pass over one micro-batch, e.g. log-probs or values) over
     `batch`'s micro-batches, re-assembled in the batch's order at its full response width.
     Collective: every rank runs the same number of forwards."""
     B, R = batch.response_ids.shape
     out: torch.Tensor | None = None
-    for mb in micro_batches(batch, spec, one_row=one_row):
+    for mb in micro_batches(batch, spec, one_row=one_row, share_prompts=share_prompts):
         part = fn(mb.batch, mb.packed)
         if out is None:
             out = part.new_zeros((B, R))

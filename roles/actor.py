@@ -35,14 +35,18 @@ class Actor:
 
     @dataclass(kw_only=True, slots=True)
     class Config(OptimConfig):
-        pass
+        share_prompts: bool = True
+        """Run each distinct prompt of a micro-batch once (a GRPO group's n samples share one)
+        and its responses on the prompt's KV cache, where that runs fewer tokens than packing
+        (core.models.shared_prompt_logits; the same log-probs and gradients up to float
+        rounding). Off under activation_checkpointing."""
 
     def __init__(self, cfg: Config, model: torch.nn.Module, *, total_steps: int,
                  temperature: float = 1.0) -> None:
         self.cfg = cfg
         self.model = model
         self.temperature = temperature
-        self.train_state = TrainState(model, cfg, total_steps=total_steps)
+        self.train_state = TrainState(model, cfg, total_steps=total_steps, share_prompts=cfg.share_prompts)
         self.lora_scalings = lora_scalings(model)
         """LoRA adapters (peft) to fold into the exported weights; empty for a plain model."""
 
@@ -60,14 +64,17 @@ class Actor:
         """Log-probs [B, R] of the response tokens under the current policy."""
         self.model.eval()
 
+        share = self.train_state.share_prompts
+
         def logp(mb: Batch, packed: PackedSamples | None) -> torch.Tensor:
-            return response_logprobs(self.model, mb, packed, temperature=self.temperature)[0]
-        return map_micro_batches(batch, self.cfg, logp, one_row=self.train_state.one_row)
+            return response_logprobs(self.model, mb, packed, temperature=self.temperature, share_prompts=share)[0]
+        return map_micro_batches(batch, self.cfg, logp, one_row=self.train_state.one_row, share_prompts=share)
 
     def _micro_loss(self, loss_fn: LossFn):
         def micro(mb: Batch, counts: GlobalCounts, packed: PackedSamples | None):
             logp_BR, ent_BR = response_logprobs(self.model, mb, packed, temperature=self.temperature,
-                                                with_entropy=loss_fn.needs_entropy)
+                                                with_entropy=loss_fn.needs_entropy,
+                                                share_prompts=self.train_state.share_prompts)
             return loss_fn(logp_BR, ent_BR, mb, counts)
         return micro
 

@@ -21,7 +21,7 @@ from core.batch import Batch
 from core.checkpoint import ShardedState
 from core.config import at_least, between
 from core.graph import Phase
-from core.models import ModelConfig, varlen_attention
+from core.models import ModelConfig, full_attention_only, varlen_attention
 from core.packing import PackedSamples, map_micro_batches, response_logprobs
 
 
@@ -38,6 +38,9 @@ class Reference:
         packing: bool = True
         """Run each forward on packed rows instead of the padded layout (the same log-probs);
         false: padded."""
+        share_prompts: bool = True
+        """Run each distinct prompt once where that runs fewer tokens than packing (as the
+        actor's share_prompts)."""
         anchor: Literal["fixed", "reset", "ema"] = "fixed"
         """fixed: the initial policy; reset: copy the actor every anchor_every steps; ema:
         ref <- decay * ref + (1 - decay) * actor after every step."""
@@ -67,6 +70,7 @@ class Reference:
         self.model = model.eval().requires_grad_(False)
         self.temperature = temperature
         self.one_row = varlen_attention(model)
+        self.share_prompts = cfg.share_prompts and full_attention_only(model)
         self.steps = 0
         self.resets = 0
 
@@ -84,8 +88,9 @@ class Reference:
     def log_probs(self, batch: Batch) -> torch.Tensor:
         """Log-probs [B, R] of the response tokens under the reference policy."""
         def logp(mb: Batch, packed: PackedSamples | None) -> torch.Tensor:
-            return response_logprobs(self.model, mb, packed, temperature=self.temperature)[0]
-        return map_micro_batches(batch, self.cfg, logp, one_row=self.one_row)
+            return response_logprobs(self.model, mb, packed, temperature=self.temperature,
+                                     share_prompts=self.share_prompts)[0]
+        return map_micro_batches(batch, self.cfg, logp, one_row=self.one_row, share_prompts=self.share_prompts)
 
     @torch.no_grad()
     def follow(self, actor: Any) -> None:

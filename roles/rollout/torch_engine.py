@@ -22,7 +22,6 @@ batches); greedy decoding is argmax.
 """
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from transformers import DynamicCache, PreTrainedModel, StaticCache
 from transformers.cache_utils import DynamicLayer
 
 from core.config import at_least
+from core.models import cache_kwarg
 from roles.rollout.engine import (
     Completion,
     Engine,
@@ -64,6 +64,10 @@ class TorchEngineConfig(EngineConfig):
     after 8 shapes per function)."""
     max_running: int = 512
     """Continuous scheduler: requests generated at once (a bound on the KV cache's rows)."""
+    share_prefill: bool = True
+    """Continuous scheduler: requests admitted together with the same prompt (and prefix) are
+    prefilled once and share the result (the cache rows are copied), as SGLang's prefix cache
+    does for a GRPO group's n samples; false: one prefill row per request."""
 
     def __post_init__(self) -> None:
         at_least(self, 1, "cache_len_multiple", "max_running")
@@ -82,10 +86,7 @@ class TorchEngine(Engine):
         self.pad_token_id = pad_token_id
         self.device = device
         self._params = dict(self.model.named_parameters())
-        # transformers 5.2x renamed the forward's `past_key_values` to `cache` (the old name
-        # warns); 5.17 knows only the old one.
-        forward = inspect.signature(type(self.model).forward).parameters
-        self._cache_kwarg = "cache" if "cache" in forward else "past_key_values"
+        self._cache_kwarg = cache_kwarg(self.model)
         opts = options or TorchEngineConfig()
         self.opts = opts
         self.static = opts.compile or (opts.static_cache if opts.static_cache is not None
@@ -294,12 +295,22 @@ class _Continuous:
         return self.rows.completions()
 
     def _admit(self, new: list[int]) -> None:
-        """Prefill `new` (prompt + prefix, left-padded) and merge them into the running cache."""
+        """Prefill `new` (prompt + prefix, left-padded) and merge them into the running cache.
+        Requests with the same prompt and prefix (a GRPO group's n samples) are prefilled once
+        and their cache rows copied (share_prefill)."""
         eng = self.engine
-        ids, mask = eng._left_padded([self.rows.requests[i].prompt + self.rows.requests[i].prefix for i in new])
+        seqs = [self.rows.requests[i].prompt + self.rows.requests[i].prefix for i in new]
+        distinct = list(dict.fromkeys(seqs)) if eng.opts.share_prefill else seqs
+        ids, mask = eng._left_padded(distinct)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=eng.model.config)
         logits = eng._forward(ids, mask, pos, cache)
+        if len(distinct) < len(seqs):
+            where = {s: k for k, s in enumerate(distinct)}
+            index = torch.tensor([where[s] for s in seqs], dtype=torch.long, device=ids.device)
+            for layer in _kv_layers(cache):
+                layer.batch_select_indices(index)
+            ids, mask, pos, logits = ids[index], mask[index], pos[index], logits[index]
         if self.cache is None or not self.running:
             self.cache, self.attn, self.next_pos, self.logits = cache, mask, pos[:, -1:] + 1, logits
         else:
