@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from core.batch import Batch, model_inputs
+from core.batch import Batch, declare_field, model_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -175,8 +175,7 @@ LOGIT_CHUNK_TOKENS = 1024
 
 
 def token_logprobs(model: torch.nn.Module, batch: Batch, *, temperature: float = 1.0,
-                   with_entropy: bool = False, share_prompts: bool = False
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens under `model` with logits / temperature.
 
     Returns (logp_BR, entropy_BR or None), float32, aligned with batch.response_ids; 0 at
@@ -184,14 +183,15 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, *, temperature: float =
     tokens at a time under activation checkpointing, so a full [B, R, vocab] float32 tensor
     never exists, in the forward or the backward pass.
 
-    share_prompts: samples with the same prompt (a GRPO group) run it once (`shared_prompt_logits`):
-    the same numbers up to float rounding, gradients included.
+    A batch with the field `prompt_group` (set by core.packing.micro_batches) runs each of its
+    prompts once (`shared_prompt_logits`): the same numbers up to float rounding, gradients
+    included.
     """
     ids, mask, pos = model_inputs(batch)
     B, R = batch.response_ids.shape
-    groups = prompt_groups(batch) if share_prompts else None
-    if groups is not None:
-        logits = shared_prompt_logits(model, ids, mask, pos, groups, prompt_width=batch.prompt_ids.shape[1])
+    if "prompt_group" in batch:
+        logits = shared_prompt_logits(model, ids, mask, pos, PromptGroups.of(batch.prompt_group),
+                                      prompt_width=batch.prompt_ids.shape[1])
     else:
         # Only the R positions that predict response tokens go through the LM head.
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
@@ -205,25 +205,31 @@ def token_logprobs(model: torch.nn.Module, batch: Batch, *, temperature: float =
     return logp_BR, entropy_BR
 
 
+declare_field("prompt_group", shape="B", doc="the sample's prompt among its micro-batch's distinct "
+              "prompts (0..G-1): set where the micro-batch runs each prompt once (core.models.shared_prompt_logits)")
+
+
 @dataclass(frozen=True, slots=True)
 class PromptGroups:
     """Rows of a padded batch with identical prompts (ids and mask): `first` [G] holds one row
-    of each distinct prompt, `inverse` [B] the group of every row."""
+    of each distinct prompt, `inverse` [B] the group (0..G-1) of every row."""
     first: torch.Tensor
     inverse: torch.Tensor
 
+    @staticmethod
+    def of(inverse: torch.Tensor) -> PromptGroups:
+        G = int(inverse.max()) + 1 if len(inverse) else 0
+        rows = torch.arange(len(inverse), device=inverse.device)
+        first = torch.full((G,), len(inverse), dtype=torch.long, device=inverse.device).scatter_reduce(
+            0, inverse, rows, reduce="amin")
+        return PromptGroups(first=first, inverse=inverse)
 
-def prompt_groups(batch: Batch) -> PromptGroups | None:
-    """The batch's distinct prompts, or None when no two rows share one (nothing to save)."""
+
+def prompt_groups(batch: Batch) -> PromptGroups:
+    """The batch's distinct prompts (G = B when no two rows share one)."""
     key = torch.cat([batch.prompt_ids, batch.prompt_mask.to(batch.prompt_ids.dtype)], dim=1)
     _, inverse = torch.unique(key, dim=0, return_inverse=True)
-    G = int(inverse.max()) + 1 if len(inverse) else 0
-    if G == len(inverse):
-        return None
-    rows = torch.arange(len(inverse), device=inverse.device)
-    first = torch.full((G,), len(inverse), dtype=torch.long, device=inverse.device).scatter_reduce(
-        0, inverse, rows, reduce="amin")
-    return PromptGroups(first=first, inverse=inverse)
+    return PromptGroups.of(inverse)
 
 
 def shared_prompt_tokens(G: int, B: int, P: int, R: int) -> int:

@@ -36,7 +36,14 @@ import torch
 from core import dist
 from core.batch import Batch, GlobalCounts, declare_field, loss_mask
 from core.microbatch import SampleSizes, plan_micro_batches, sample_sizes
-from core.models import packed_logprobs, packed_token_logprobs, prompt_groups, shared_prompt_tokens, token_logprobs
+from core.models import (
+    PromptGroups,
+    packed_logprobs,
+    packed_token_logprobs,
+    prompt_groups,
+    shared_prompt_tokens,
+    token_logprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -259,14 +266,13 @@ def pack_samples(mb: Batch, sizes: SampleSizes, *, one_row: bool, pad_id: int = 
 
 
 def response_logprobs(model: torch.nn.Module, mb: Batch, packed: PackedSamples | None, *,
-                      temperature: float = 1.0, with_entropy: bool = False, share_prompts: bool = False
+                      temperature: float = 1.0, with_entropy: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`core.models.token_logprobs` of `mb`, computed on its packed rows when `packed` is given
-    (else padded, each distinct prompt once with share_prompts): (logp_BR, entropy_BR or None),
-    float32, 0 at padding."""
+    (else padded; each distinct prompt once where `mb` carries `prompt_group`): (logp_BR,
+    entropy_BR or None), float32, 0 at padding."""
     if packed is None:
-        return token_logprobs(model, mb, temperature=temperature, with_entropy=with_entropy,
-                              share_prompts=share_prompts)
+        return token_logprobs(model, mb, temperature=temperature, with_entropy=with_entropy)
     out_N2 = packed_token_logprobs(model, packed.ids_BL, packed.pos_BL, keep_K=packed.keep_K, pick_N=packed.pick_N,
                                    targets_N=packed.targets_N, temperature=temperature, with_entropy=with_entropy)
     logp_BR = sampled_only(mb, packed.to_samples(out_N2[:, 0]))
@@ -311,9 +317,10 @@ def micro_batches(batch: Batch, spec: MicroBatching, *, one_row: bool = False, s
     Every rank's sizes are gathered (a collective) unless given.
 
     share_prompts (a role whose forward runs each distinct prompt once, core.models.
-    shared_prompt_logits): a micro-batch stays padded (packed None) where that layout runs fewer
-    tokens than packing, i.e. where the samples share prompts and their responses are of similar
-    length (the quickstart: 1.6k against 3.6k tokens per micro-batch)."""
+    shared_prompt_logits): a micro-batch takes that layout (padded, with the field
+    `prompt_group`) where it runs fewer tokens than the other one (packed, or padded), summed over
+    the ranks, so every rank runs the same forwards (a collective: one gather of token counts);
+    that is where samples share prompts and their responses are of similar length."""
     sizes = sizes if sizes is not None else sample_sizes(batch)
     everyone = sizes_by_rank if sizes_by_rank is not None else dist.all_gather_objects(sizes)
     rl = "prompt_mask" in batch and "response_mask" in batch
@@ -329,12 +336,17 @@ def micro_batches(batch: Batch, spec: MicroBatching, *, one_row: bool = False, s
     plan = plan_micro_batches(everyone, dist.info().rank if len(everyone) > 1 else 0,
                               micro_batch_size=spec.micro_batch_size,
                               max_tokens=spec.max_tokens_per_micro_batch, packed=packing)
-    return [_cut(batch, sizes, rows or [0], packing=packing, one_row=one_row, share_prompts=share_prompts,
-                 idle=not rows) for rows in plan]
+    cuts = [_cut(batch, sizes, rows or [0], idle=not rows) for rows in plan]
+    shared = _shared_layouts(cuts, packing=packing) if share_prompts and rl else [None] * len(cuts)
+    return [MicroBatch(batch=mb if groups is None else mb.with_fields(prompt_group=groups.inverse),
+                       packed=pack_samples(mb, mine, one_row=one_row) if packing and groups is None else None,
+                       index=index, idle=idle)
+            for (mb, mine, index, idle), groups in zip(cuts, shared)]
 
 
-def _cut(batch: Batch, sizes: SampleSizes, rows: list[int], *, packing: bool, one_row: bool,
-         share_prompts: bool, idle: bool) -> MicroBatch:
+def _cut(batch: Batch, sizes: SampleSizes, rows: list[int], *, idle: bool
+         ) -> tuple[Batch, SampleSizes, torch.Tensor, bool]:
+    """The padded micro-batch of `rows`, cut to its widths, with its sizes and row index."""
     mine = sizes.select(rows)
     rl = "prompt_mask" in batch and "response_mask" in batch
     mb = (batch.cut(rows, prompt_width=max(mine.prompt_span), response_width=max(mine.response_span)) if rl
@@ -342,19 +354,22 @@ def _cut(batch: Batch, sizes: SampleSizes, rows: list[int], *, packing: bool, on
     if idle:
         mb = mb.with_fields(loss_mask=torch.zeros_like(loss_mask(mb)))
     device = next(v.device for _, v in mb.items() if isinstance(v, torch.Tensor))
-    if packing and share_prompts and rl and _shared_is_smaller(mb, mine):
-        packing = False
-    return MicroBatch(batch=mb, packed=pack_samples(mb, mine, one_row=one_row) if packing else None,
-                      index=torch.tensor(rows, dtype=torch.long, device=device), idle=idle)
+    return mb, mine, torch.tensor(rows, dtype=torch.long, device=device), idle
 
 
-def _shared_is_smaller(mb: Batch, sizes: SampleSizes) -> bool:
-    """Whether the padded layout with shared prompts runs fewer token slots than packing."""
-    groups = prompt_groups(mb)
-    if groups is None:
-        return False
-    (B, P), R = mb.prompt_ids.shape, mb.response_ids.shape[1]
-    return shared_prompt_tokens(len(groups.first), B, P, R) < sum(sizes.tokens(i) for i in range(B))
+def _shared_layouts(cuts: Sequence[tuple[Batch, SampleSizes, torch.Tensor, bool]], *, packing: bool
+                    ) -> list[PromptGroups | None]:
+    """Per micro-batch: its prompt groups where running each prompt once takes fewer token slots
+    than the other layout, summed over the ranks (the same choice on every rank), else None."""
+    local = []
+    for mb, sizes, _, _ in cuts:
+        groups = prompt_groups(mb)
+        (B, P), R = mb.prompt_ids.shape, mb.response_ids.shape[1]
+        other = sum(sizes.tokens(i) for i in range(B)) if packing else B * (P + R)
+        local.append((groups, shared_prompt_tokens(len(groups.first), B, P, R), other))
+    everyone = dist.all_gather_objects([(s, o) for _, s, o in local])
+    return [groups if sum(r[i][0] for r in everyone) < sum(r[i][1] for r in everyone) else None
+            for i, (groups, _, _) in enumerate(local)]
 
 
 def check_packable(sizes: SampleSizes) -> None:

@@ -64,17 +64,15 @@ class Actor:
         """Log-probs [B, R] of the response tokens under the current policy."""
         self.model.eval()
 
-        share = self.train_state.share_prompts
-
         def logp(mb: Batch, packed: PackedSamples | None) -> torch.Tensor:
-            return response_logprobs(self.model, mb, packed, temperature=self.temperature, share_prompts=share)[0]
-        return map_micro_batches(batch, self.cfg, logp, one_row=self.train_state.one_row, share_prompts=share)
+            return response_logprobs(self.model, mb, packed, temperature=self.temperature)[0]
+        return map_micro_batches(batch, self.cfg, logp, one_row=self.train_state.one_row,
+                                 share_prompts=self.train_state.share_prompts)
 
     def _micro_loss(self, loss_fn: LossFn):
         def micro(mb: Batch, counts: GlobalCounts, packed: PackedSamples | None):
             logp_BR, ent_BR = response_logprobs(self.model, mb, packed, temperature=self.temperature,
-                                                with_entropy=loss_fn.needs_entropy,
-                                                share_prompts=self.train_state.share_prompts)
+                                                with_entropy=loss_fn.needs_entropy)
             return loss_fn(logp_BR, ent_BR, mb, counts)
         return micro
 

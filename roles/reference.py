@@ -88,8 +88,7 @@ class Reference:
     def log_probs(self, batch: Batch) -> torch.Tensor:
         """Log-probs [B, R] of the response tokens under the reference policy."""
         def logp(mb: Batch, packed: PackedSamples | None) -> torch.Tensor:
-            return response_logprobs(self.model, mb, packed, temperature=self.temperature,
-                                     share_prompts=self.share_prompts)[0]
+            return response_logprobs(self.model, mb, packed, temperature=self.temperature)[0]
         return map_micro_batches(batch, self.cfg, logp, one_row=self.one_row, share_prompts=self.share_prompts)
 
     @torch.no_grad()

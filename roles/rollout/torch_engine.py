@@ -8,7 +8,8 @@ The engine keeps its own full (unsharded) copy of the policy in the engine dtype
   cache is compacted once an eighth of the rows are done), waiting requests join when a quarter
   of the slots are free (their prefill is merged into the cache, left-padded to its length, and
   left columns every row pads are trimmed), so compute follows the tokens actually produced
-  instead of every row running until the longest is done. A `pause` rule ends the call early:
+  instead of every row running until the longest is done. Requests admitted together with the
+  same prompt (a GRPO group's n samples) are prefilled once (`share_prefill`). A `pause` rule ends the call early:
   unfinished requests come back as "paused" with the tokens they have (partial rollouts).
 * **lockstep** (static cache: the default on CUDA, and with compile): every request is admitted
   at once, left-padded, and runs until all are done, on a preallocated `StaticCache` of fixed
