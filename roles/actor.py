@@ -35,18 +35,19 @@ class Actor:
 
     @dataclass(kw_only=True, slots=True)
     class Config(OptimConfig):
-        share_prompts: bool = True
-        """Run each distinct prompt of a micro-batch once (a GRPO group's n samples share one)
-        and its responses on the prompt's KV cache, where that runs fewer tokens than packing
-        (core.models.shared_prompt_logits; the same log-probs and gradients up to float
-        rounding). Off under activation_checkpointing."""
+        pass
 
     def __init__(self, cfg: Config, model: torch.nn.Module, *, total_steps: int,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, share_prompts: bool = True) -> None:
+        """share_prompts: run each distinct prompt of a micro-batch once (a GRPO group's n samples
+        share one) and the responses on its KV cache, where that runs fewer tokens than the
+        other layout (core.models.shared_prompt_logits: the same log-probs and gradients up to
+        float rounding; off under activation checkpointing and for models with other than
+        full-attention layers). Not a config key: it changes no number; False for tests."""
         self.cfg = cfg
         self.model = model
         self.temperature = temperature
-        self.train_state = TrainState(model, cfg, total_steps=total_steps, share_prompts=cfg.share_prompts)
+        self.train_state = TrainState(model, cfg, total_steps=total_steps, share_prompts=share_prompts)
         self.lora_scalings = lora_scalings(model)
         """LoRA adapters (peft) to fold into the exported weights; empty for a plain model."""
 

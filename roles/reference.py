@@ -38,9 +38,6 @@ class Reference:
         packing: bool = True
         """Run each forward on packed rows instead of the padded layout (the same log-probs);
         false: padded."""
-        share_prompts: bool = True
-        """Run each distinct prompt once where that runs fewer tokens than packing (as the
-        actor's share_prompts)."""
         anchor: Literal["fixed", "reset", "ema"] = "fixed"
         """fixed: the initial policy; reset: copy the actor every anchor_every steps; ema:
         ref <- decay * ref + (1 - decay) * actor after every step."""
@@ -70,7 +67,9 @@ class Reference:
         self.model = model.eval().requires_grad_(False)
         self.temperature = temperature
         self.one_row = varlen_attention(model)
-        self.share_prompts = cfg.share_prompts and full_attention_only(model)
+        self.share_prompts = full_attention_only(model)
+        """Each distinct prompt once where that runs fewer tokens (as the actor's share_prompts;
+        the same log-probs up to float rounding, and no backward pass here to weigh)."""
         self.steps = 0
         self.resets = 0
 

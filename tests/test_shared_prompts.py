@@ -114,8 +114,8 @@ def _fsdp_grads(share: bool, packing: bool) -> dict:
     from core.models import shard_model
     from roles.actor import Actor
     model = shard_model(build_model(tiny_model_config(), seed=0), dist.mesh())
-    actor = Actor(Actor.Config(lr=1e-2, micro_batch_size=4, packing=packing, share_prompts=share), model,
-                  total_steps=4)
+    actor = Actor(Actor.Config(lr=1e-2, micro_batch_size=4, packing=packing), model, total_steps=4,
+                  share_prompts=share)
     # rank 0: 2 prompts x 4 samples; rank 1: 8 distinct prompts (the ranks disagree locally, the
     # choice is made for both: they must run the same forwards, FSDP2 gathers in each)
     info = dist.info()
@@ -174,7 +174,7 @@ def test_shared_prefill_generates_the_tokens_of_one_row_per_request():
     out = {}
     for share in (False, True):
         engine = TorchEngine(model, pad_token_id=0, device=torch.device("cpu"),
-                             options=TorchEngineConfig(share_prefill=share, max_running=16))
+                             options=TorchEngineConfig(max_running=16), share_prefill=share)
         out[share] = engine.generate_requests(reqs)
     assert [c.tokens for c in out[True]] == [c.tokens for c in out[False]]
     for a, b in zip(out[True], out[False]):

@@ -9,7 +9,7 @@ The engine keeps its own full (unsharded) copy of the policy in the engine dtype
   of the slots are free (their prefill is merged into the cache, left-padded to its length, and
   left columns every row pads are trimmed), so compute follows the tokens actually produced
   instead of every row running until the longest is done. Requests admitted together with the
-  same prompt (a GRPO group's n samples) are prefilled once (`share_prefill`). A `pause` rule ends the call early:
+  same prompt (a GRPO group's n samples) are prefilled once. A `pause` rule ends the call early:
   unfinished requests come back as "paused" with the tokens they have (partial rollouts).
 * **lockstep** (static cache: the default on CUDA, and with compile): every request is admitted
   at once, left-padded, and runs until all are done, on a preallocated `StaticCache` of fixed
@@ -65,10 +65,6 @@ class TorchEngineConfig(EngineConfig):
     after 8 shapes per function)."""
     max_running: int = 512
     """Continuous scheduler: requests generated at once (a bound on the KV cache's rows)."""
-    share_prefill: bool = True
-    """Continuous scheduler: requests admitted together with the same prompt (and prefix) are
-    prefilled once and share the result (the cache rows are copied), as SGLang's prefix cache
-    does for a GRPO group's n samples; false: one prefill row per request."""
 
     def __post_init__(self) -> None:
         at_least(self, 1, "cache_len_multiple", "max_running")
@@ -80,7 +76,8 @@ class TorchEngineConfig(EngineConfig):
 
 class TorchEngine(Engine):
     def __init__(self, model: PreTrainedModel, *, pad_token_id: int, device: torch.device,
-                 dtype: torch.dtype = torch.float32, options: TorchEngineConfig | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, options: TorchEngineConfig | None = None,
+                 share_prefill: bool = True) -> None:
         # transformers wraps PreTrainedModel.to in a decorator mypy misreads
         self.model = model.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
         self.model.requires_grad_(False)
@@ -88,6 +85,10 @@ class TorchEngine(Engine):
         self.device = device
         self._params = dict(self.model.named_parameters())
         self._cache_kwarg = cache_kwarg(self.model)
+        self.share_prefill = share_prefill
+        """Continuous scheduler: requests admitted together with the same prompt (and prefix) are
+        prefilled once and their cache rows copied, as SGLang's prefix cache serves a GRPO group's
+        n samples (the same tokens: tests/test_shared_prompts.py); False only for that test."""
         opts = options or TorchEngineConfig()
         self.opts = opts
         self.static = opts.compile or (opts.static_cache if opts.static_cache is not None
@@ -298,10 +299,10 @@ class _Continuous:
     def _admit(self, new: list[int]) -> None:
         """Prefill `new` (prompt + prefix, left-padded) and merge them into the running cache.
         Requests with the same prompt and prefix (a GRPO group's n samples) are prefilled once
-        and their cache rows copied (share_prefill)."""
+        and their cache rows copied."""
         eng = self.engine
         seqs = [self.rows.requests[i].prompt + self.rows.requests[i].prefix for i in new]
-        distinct = list(dict.fromkeys(seqs)) if eng.opts.share_prefill else seqs
+        distinct = list(dict.fromkeys(seqs)) if eng.share_prefill else seqs
         ids, mask = eng._left_padded(distinct)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=eng.model.config)
