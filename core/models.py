@@ -280,7 +280,7 @@ def shared_prompt_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.
     for layer in cache.layers:
         if type(layer) is not DynamicLayer or layer.keys is None or layer.values is None:
             raise NotImplementedError(f"shared prompts need full-attention KV cache layers, not "
-                                      f"{type(layer).__name__}: set share_prompts=false")
+                                      f"{type(layer).__name__} (callers check full_attention_only first)")
         # index_select: its backward (index_add) is far cheaper on the CPU than indexing's (index_put)
         layer.keys = layer.keys.index_select(0, groups.inverse)
         layer.values = layer.values.index_select(0, groups.inverse)
